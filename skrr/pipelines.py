@@ -103,8 +103,15 @@ def tiny_text_encoder(text_encoder: str = "t5", seed: int = 0) -> tuple[nn.Modul
     if text_encoder == "minilm":
         from transformers import AutoTokenizer, BertModel
 
+        from transformers.utils import logging as hf_logging
+
         path = minilm_path()
-        encoder = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected: no report
+        try:
+            encoder = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+        finally:
+            hf_logging.set_verbosity(level)
         encoder.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
         return encoder, AutoTokenizer.from_pretrained(path)
     raise ValueError(f"unknown tiny text encoder {text_encoder!r}; choose 't5' or 'minilm'")

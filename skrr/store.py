@@ -1,0 +1,178 @@
+"""The results store: one folder per cell, a signature of the config that matters, resumable stages.
+
+Layout (the on-disk contract between run.py, the tables and W&B):
+
+    <results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/
+        cell.json              what this cell is + the signature of its config (written first)
+        plan.json              the PruningPlan used (target and realized sparsity in its meta)
+        images/, manifest.jsonl  generated images (eval/generate.py layout)
+        metrics/<metric>.json  one file per metric
+        stages/<stage>.json    a stage's completion record; a stage whose record exists is skipped
+    <results>/plans/<encoder>/<key>.json   searched plans, shared across cells (key = encoder + calib + method)
+
+Every file is written to a temporary name and renamed, so a killed run leaves whole files or none.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from skrr.io import atomic_write_json
+from skrr.plan import PlanError, PruningPlan
+
+
+class StoreError(RuntimeError):
+    """A cell folder that holds results of a different config, or an unreadable results file."""
+
+
+def canonical(obj: Any) -> str:
+    """Stable JSON text of a config (sorted keys) for hashing."""
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def short_hash(obj: Any, n: int = 10) -> str:
+    """Short sha256 of an object's canonical JSON."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
+
+
+def slug(text: str) -> str:
+    """A folder-safe name: 'PixArt-alpha/PixArt-Sigma' -> 'PixArt-alpha--PixArt-Sigma'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.replace("/", "--")).strip("-") or "unnamed"
+
+
+def sparsity_dir(sparsity: float) -> str:
+    """'s0.419' — three decimals, as the paper reports one decimal of a percentage."""
+    return f"s{float(sparsity):.3f}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a sweep: pipeline, method (+ variant tag), target sparsity, seed."""
+
+    pipeline: str
+    method: str
+    sparsity: float
+    seed: int = 0
+    tag: str = ""
+
+    @property
+    def method_dir(self) -> str:
+        return f"{self.method}-{self.tag}" if self.tag else self.method
+
+    def relpath(self) -> Path:
+        return Path("runs") / self.pipeline / self.method_dir / sparsity_dir(self.sparsity) / f"seed{self.seed}"
+
+    def label(self) -> str:
+        return f"{self.pipeline}/{self.method_dir}/{sparsity_dir(self.sparsity)}/seed{self.seed}"
+
+
+def read_json(path: Path) -> Any:
+    """Read a results JSON file; a corrupt one is a one-line StoreError naming the file and the fix."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{path} is corrupt ({err.msg} at line {err.lineno}); delete it and re-run the "
+                         f"cell to recompute it") from err
+
+
+class CellStore:
+    """The folder of one cell: refuses a changed config, records finished stages, paths for outputs."""
+
+    def __init__(self, results: str | Path, cell: Cell, config: dict[str, Any], experiment: str = "adhoc"):
+        self.results = Path(results)
+        self.cell = cell
+        self.config = config
+        self.signature = short_hash(config)
+        self.experiment = experiment
+        self.dir = self.results / cell.relpath()
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def plan_path(self) -> Path:
+        return self.dir / "plan.json"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.dir / "images"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.dir / "metrics"
+
+    def metric_path(self, name: str) -> Path:
+        return self.metrics_dir / f"{name}.json"
+
+    def stage_path(self, stage: str) -> Path:
+        return self.dir / "stages" / f"{stage}.json"
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self, overwrite: bool = False) -> "CellStore":
+        """Create the folder or check it belongs to this config; with overwrite, reset finished stages."""
+        meta = self.dir / "cell.json"
+        if meta.exists():
+            old = read_json(meta)
+            if old.get("signature") != self.signature:
+                changed = _diff_keys(old.get("config", {}), self.config)
+                if not overwrite:
+                    raise StoreError(
+                        f"{self.dir} holds results of a different config (changed: {', '.join(changed) or '?'}); "
+                        f"pass overwrite=true to replace them, or set tag=<name> for a new variant")
+                for f in (self.dir / "stages").glob("*.json"):
+                    f.unlink()
+                for f in self.metrics_dir.glob("*.json"):
+                    f.unlink()
+                self.plan_path.unlink(missing_ok=True)
+        atomic_write_json(meta, {"cell": asdict(self.cell), "signature": self.signature,
+                                 "experiment": self.experiment, "config": self.config})
+        return self
+
+    def done(self, stage: str) -> bool:
+        """Whether a stage finished for this config."""
+        return self.stage_path(stage).exists()
+
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        """Record a finished stage (atomically, after its outputs are in place)."""
+        atomic_write_json(self.stage_path(stage), {"stage": stage, "signature": self.signature, **(info or {})})
+
+    def load_plan(self) -> PruningPlan | None:
+        """The plan of this cell, if the search stage wrote one."""
+        if not self.plan_path.exists():
+            return None
+        try:
+            return PruningPlan.from_json(self.plan_path)
+        except PlanError as err:
+            raise StoreError(str(err)) from err
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [prefix.rstrip(".")] if old != new else []
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+    return out
+
+
+class PlanCache:
+    """Searched plans keyed by encoder + calibration + method settings, shared by every cell that needs them."""
+
+    def __init__(self, results: str | Path):
+        self.root = Path(results) / "plans"
+
+    def key(self, encoder_id: str, calib: dict[str, Any], method: dict[str, Any]) -> str:
+        return short_hash({"encoder": encoder_id, "calib": calib, "method": method}, 12)
+
+    def path(self, encoder_id: str, method_name: str, key: str) -> Path:
+        return self.root / slug(encoder_id) / f"{method_name}-{key}.json"
+
+    def get(self, path: Path) -> dict[str, Any] | None:
+        """The cached search record (plans per target sparsity), or None."""
+        return read_json(path) if path.exists() else None
+
+    def put(self, path: Path, record: dict[str, Any]) -> None:
+        atomic_write_json(path, record)

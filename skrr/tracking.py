@@ -1,0 +1,161 @@
+"""Weights & Biases mirror of one cell: config, plan, metrics and a few sample images.
+
+W&B is never the source of truth: nothing here reads back from it, and a W&B failure only logs a
+warning. The run id is derived from the cell and its config signature, so a resumed or re-issued cell
+logs into the same run (``resume="allow"``). Offline runs go to ``<results>/wandb/offline-run-*``
+(sync later with ``wandb sync <results>/wandb/offline-run-*``).
+
+    tracker = Tracker(cfg.logger, cell, store.signature, group=cfg.experiment, config=resolved, results=...)
+    tracker.log_plan(plan); tracker.log_metrics({"clip": 0.31}); tracker.log_images(paths, prompts)
+    tracker.finish()
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from skrr.plan import PruningPlan
+from skrr.store import Cell, short_hash
+
+log = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+
+
+def run_id(cell: Cell, signature: str) -> str:
+    """Deterministic W&B run id of a cell: same cell and config signature -> same id."""
+    return short_hash({"cell": cell.label(), "signature": signature}, 16)
+
+
+def has_api_key() -> bool:
+    """Whether a W&B API key is available (``WANDB_API_KEY`` or a ~/.netrc entry for the W&B host)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(logger_cfg: Mapping[str, Any]) -> str:
+    """online | offline | disabled: ``logger.enabled`` then ``logger.mode``, then ``WANDB_MODE``, then the API key."""
+    if not logger_cfg.get("enabled", True):
+        return "disabled"
+    mode = logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
+    mode = {"dryrun": "offline", "run": "online"}.get(str(mode), str(mode))
+    if mode not in MODES:
+        raise ValueError(f"logger.mode={mode!r} is not one of {MODES} (or null for automatic)")
+    return mode
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'geneval': {'tasks': {'counting': .4}}} -> {'geneval/tasks/counting': .4}; numbers and strings only."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)) and v is not None:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """W&B run of one cell; a no-op when logging is off (``logger.enabled=false`` or mode disabled)."""
+
+    def __init__(self, logger_cfg: Mapping[str, Any], cell: Cell, signature: str, group: str = "adhoc",
+                 config: Mapping[str, Any] | None = None, results: str | Path | None = None) -> None:
+        self.cell = cell
+        self.id = run_id(cell, signature)
+        self.mode = resolve_mode(logger_cfg)
+        self.run: Any = None
+        if self.mode == "disabled":
+            return
+        config = dict(config or {})
+        root = Path(results or config.get("paths", {}).get("results") or "results")
+        root.mkdir(parents=True, exist_ok=True)
+        tags = [cell.method, cell.pipeline] + ([cell.method_dir] if cell.tag else [])
+        try:
+            import wandb  # imported here: a disabled tracker has no wandb side effects
+
+            self.run = wandb.init(
+                project=logger_cfg.get("project") or "skrr", entity=logger_cfg.get("entity"), id=self.id,
+                name=cell.label(), group=group, job_type=cell.method, tags=tags, config=config,
+                resume="allow", mode=self.mode, dir=str(root), reinit="finish_previous")
+        except Exception as err:  # W&B is a mirror: its failure must never stop a cell
+            log.warning("W&B disabled for %s: %s: %s", cell.label(), type(err).__name__, err)
+            self.run = None
+            return
+        log.info("W&B %s run %s (%s) in %s", self.mode, self.id, cell.label(), self.run.dir)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a W&B run is open."""
+        return self.run is not None
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Call a W&B function; on failure log one warning (the results on disk are unaffected)."""
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # a W&B hiccup must not fail a finished stage
+            log.warning("W&B %s failed for %s: %s: %s", what, self.cell.label(), type(err).__name__, err)
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Add (or update) config entries of the run."""
+        if self.run is not None:
+            self._guard("config", self.run.config.update, dict(config), allow_val_change=True)
+
+    def log_plan(self, plan: PruningPlan) -> None:
+        """Plan summary, target and realized sparsity, removal order and skipped/re-used units."""
+        if self.run is None:
+            return
+        meta = plan.meta
+        summary = {"plan/summary": plan.summary(), "plan/method": plan.method,
+                   "plan/granularity": plan.granularity, "plan/fingerprint": plan.fingerprint(),
+                   "plan/num_skipped": len(plan.skipped), "plan/num_reused": len(plan.reused),
+                   "plan/skipped": ",".join(map(str, plan.skipped)),
+                   "plan/reused": ",".join(f"{i}->{j}" for i, j in sorted(plan.reused.items()))}
+        for key in ("target_sparsity", "realized_sparsity", "prefix"):
+            if key in meta:
+                summary[f"plan/{key}"] = meta[key]
+        if "order" in meta:
+            summary["plan/order"] = ",".join(map(str, meta["order"]))
+        if "realized_sparsity" in meta:
+            summary["realized_sparsity"] = meta["realized_sparsity"]
+        self._guard("plan", self.run.summary.update, summary)
+
+    def log_metrics(self, metrics: Mapping[str, Any], prefix: str = "metrics/") -> None:
+        """Log metric values (nested dicts flattened with '/'), e.g. {'geneval': {'value': .44, 'tasks': {...}}}."""
+        if self.run is not None:
+            self._guard("metrics", self.run.log, flatten(metrics, prefix))
+
+    def log_images(self, paths: Sequence[str | Path], captions: Sequence[str] | None = None,
+                   max_images: int = 8, key: str = "samples") -> None:
+        """Log the first ``max_images`` generated images with their prompts as captions."""
+        if self.run is None or not paths:
+            return
+        import wandb
+
+        caps = list(captions) if captions is not None else [""] * len(paths)
+        pairs = list(zip(paths, caps))[:max_images]
+        self._guard("images", lambda: self.run.log({key: [wandb.Image(str(p), caption=c) for p, c in pairs]}))
+
+    def finish(self) -> None:
+        """Close the run (offline runs are then complete on disk)."""
+        if self.run is not None:
+            self._guard("finish", self.run.finish)
+            self.run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()

@@ -92,7 +92,8 @@ def load_coco_captions(path: str | Path | None, n: int = 30_000, seed: int = 0, 
         caps.setdefault(ann["image_id"], []).append((ann["id"], ann["caption"]))
     ids = sorted(caps)
     if n > len(ids):
-        raise EvalError(f"{p} has captions for {len(ids)} images, fewer than n={n}; lower n or use captions_val2014.json")
+        raise EvalError(f"{p} has captions for {len(ids)} images, fewer than n={n}; "
+                        f"lower n or use captions_val2014.json")
     rng = np.random.default_rng(seed)
     chosen = [ids[i] for i in rng.choice(len(ids), size=n, replace=False)]
     prompts, meta = [], []
@@ -136,18 +137,22 @@ def tiny_prompts() -> PromptSet:
     return load_prompt_file(TINY_PROMPTS, name="tiny")
 
 
-def load_prompt_set(spec: Mapping[str, Any]) -> PromptSet:
-    """Build a prompt set from a config node: ``kind`` (coco | geneval | file | tiny), ``path``, ``n``, ``seed``, ``name``."""
+def load_prompt_set(spec: Mapping[str, Any], key: str = "eval.<metric>.prompts.path") -> PromptSet:
+    """A prompt set from a config node: ``kind`` (coco | geneval | file | tiny), ``path``, ``n``, ``seed``, ``name``.
+
+    COCO always draws ``draw`` (default 30,000) images and keeps the first ``n``, so subsets are nested.
+    """
     kind = spec.get("kind", "file")
     name = spec.get("name")
     n = spec.get("n")
     if kind == "coco":
-        ps = load_coco_captions(spec.get("path"), n=int(spec.get("draw", n or 30_000)),
-                                seed=int(spec.get("seed", 0)), name=name or "coco30k")
+        # Always draw the full 30k and take the head, so every COCO subset is nested in COCO-30k.
+        ps = load_coco_captions(spec.get("path"), n=int(spec.get("draw", 30_000)),
+                                seed=int(spec.get("seed", 0)), name=name or "coco30k", key=key)
     elif kind == "geneval":
-        ps = load_geneval_metadata(spec.get("path"), name=name or "geneval")
+        ps = load_geneval_metadata(spec.get("path"), name=name or "geneval", key=key)
     elif kind == "file":
-        ps = load_prompt_file(spec.get("path"), name=name)
+        ps = load_prompt_file(spec.get("path"), name=name, key=key)
     elif kind == "tiny":
         ps = tiny_prompts()
     else:

@@ -1,0 +1,109 @@
+"""Cost columns: FLOPs counted per component and extrapolated to the step count; params with shared tensors once."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from eval.efficiency import measure_cost, pipeline_params, weight_bytes
+from eval.generate import GenerationSettings
+
+L = 10  # tokens
+
+
+class FakeVAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(3, 1000)  # the image encoder never runs in text-to-image: not counted
+        self.post_quant_conv = nn.Linear(32, 8)
+        self.decoder = nn.Linear(8, 3)
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class FakeDenoiser(nn.Module):
+    def __init__(self, shared: nn.Module):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.shared = shared  # the same Linear as the text encoder's: counted once in the total
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class FakePipeline:
+    """Calls its parts the way PixArt-Σ does: prompt + negative prompt encoded, CFG batch of 2 per step, one decode."""
+
+    def __init__(self):
+        self.text_encoder = nn.Linear(16, 32)
+        self.transformer = FakeDenoiser(self.text_encoder)
+        self.vae = FakeVAE()
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, **kwargs):
+        tokens = torch.randn(len(prompt), L, 16)
+        cond = self.text_encoder(tokens)
+        if guidance_scale > 1:
+            cond = torch.cat([self.text_encoder(tokens), cond])
+        x = cond
+        for _ in range(num_inference_steps):
+            x = self.transformer(x)
+        return SimpleNamespace(images=[self.vae.decode(x[-1:])])
+
+    def to(self, device):
+        return self
+
+
+def test_flops_are_counted_per_component_and_extrapolated_to_all_steps():
+    settings = GenerationSettings(num_inference_steps=20, guidance_scale=4.5)
+    r = measure_cost(FakePipeline(), settings, probe_steps=2)
+    encoder = 2 * (2 * L * 16 * 32)  # two encoder calls (prompt, negative prompt)
+    denoiser = 20 * (2 * 2 * L * 32 * 32)  # 20 steps x batch 2 (CFG)
+    decoder = 2 * L * 32 * 8 + 2 * L * 8 * 3
+    assert r.tflops * 1e12 == pytest.approx(encoder + denoiser + decoder)
+    assert r.flops_breakdown["encoder_calls"] == 2 and r.flops_breakdown["denoiser_calls_per_step"] == 1
+
+
+def test_without_guidance_the_negative_prompt_and_cfg_batch_disappear():
+    r = measure_cost(FakePipeline(), GenerationSettings(num_inference_steps=4, guidance_scale=1.0), probe_steps=2)
+    assert r.tflops * 1e12 == pytest.approx(2 * L * 16 * 32 + 4 * 2 * L * 32 * 32 + 2 * L * 32 * 8 + 2 * L * 8 * 3)
+
+
+def test_params_count_text_encoder_denoiser_and_vae_decoder_with_shared_tensors_once():
+    pipe = FakePipeline()
+    p = pipeline_params(pipe)
+    enc, den, dec = 16 * 32 + 32, 32 * 32 + 32, (32 * 8 + 8) + (8 * 3 + 3)
+    assert p["text_encoder"] == enc and p["denoiser"] == den + enc and p["vae_decoder"] == dec
+    assert p["total"] == enc + den + dec  # the shared Linear once; the VAE's image encoder not at all
+    assert weight_bytes(pipe, bytes_per_element=2) == 2 * (enc + den + dec)
+    r = measure_cost(pipe, GenerationSettings(num_inference_steps=2))
+    assert r.memory_kind.startswith("bf16_weight_bytes") and r.memory_gib == pytest.approx(2 * p["total"] / 1024**3)
+
+
+def test_tiny_pixart_pipeline_cost_runs_and_restores_its_methods():
+    from skrr.pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("t5", seed=0)
+    settings = GenerationSettings(height=16, width=16, num_inference_steps=5, guidance_scale=4.5,
+                                  call_kwargs={"use_resolution_binning": False, "max_sequence_length": 16})
+    r = measure_cost(pipe, settings)
+    b = r.flops_breakdown
+    assert b["encoder_calls"] == 2 and b["denoiser_calls_per_step"] == 1 and b["encoder_tflops"] > 0
+    assert r.tflops == pytest.approx(b["encoder_tflops"] + 5 * b["denoiser_tflops_per_call"] + b["vae_decoder_tflops"])
+    assert "forward" not in vars(pipe.transformer) and "decode" not in vars(pipe.vae)  # wrappers removed
+    assert r.params["total"] == r.params["text_encoder"] + r.params["denoiser"] + r.params["vae_decoder"]
+
+
+@pytest.mark.gpu
+def test_cuda_memory_is_measured_not_estimated():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from skrr.pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("t5", seed=0)
+    settings = GenerationSettings(height=16, width=16, num_inference_steps=2,
+                                  call_kwargs={"use_resolution_binning": False, "max_sequence_length": 16})
+    r = measure_cost(pipe, settings, device="cuda")
+    assert r.memory_kind.startswith("cuda_peak") and r.memory_gib >= weight_bytes(pipe) / 1024**3

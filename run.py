@@ -104,10 +104,11 @@ def run_cell(cfg: DictConfig) -> Path:
     log.info("cell %s -> %s", cell.label(), store.dir)
     with stages.tracker_for(cfg, store) as tracker:
         plan = stages.search(cfg, store, method, spec, device, tracker)
+        pipe = stages.LazyPipeline(spec, plan, device)
         if "generate" in cfg.stages:
-            stages.generate(cfg, store, plan, spec, device, tracker)
+            stages.generate(cfg, store, pipe, tracker)
         if "score" in cfg.stages:
-            stages.score(cfg, store, plan, spec, device, tracker)
+            stages.score(cfg, store, pipe, device, tracker)
     print(f"done: {cell.label()}  {plan.summary()}\n  results: {store.dir}")
     return store.dir
 

@@ -1,25 +1,37 @@
 """The stages of a cell (search -> generate -> score), each skipped when its output is already on disk."""
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+from filelock import FileLock
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from skrr.io import atomic_write_text
-from skrr.pipelines import PipelineSpec, load_text_encoder
+from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_text_encoder, text_encoder_of
 from skrr.plan import PruningPlan
 from skrr.search import search_plans
-from skrr.store import CellStore
+from skrr.store import Cell, CellStore
+from skrr.surgery import apply_plan
+from skrr.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+# Metrics that compare a run with the dense run of the same pipeline and seed (paired images).
+DENSE_METRICS = ("dreamsim",)
+
+
+def tracker_for(cfg: DictConfig, store: CellStore) -> Tracker:
+    """The W&B mirror of a cell (a no-op with logger.enabled=false)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return Tracker(cfg.logger, store.cell, store.signature, cfg.experiment, config, store.results)
+
 
 def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSpec, device: torch.device,
-           tracker: Any) -> PruningPlan:
+           tracker: Tracker) -> PruningPlan:
     """The cell's plan: from the cell folder, a given plan file, or the (cached) method search."""
     if store.done("search"):
         plan = store.load_plan()
@@ -38,3 +50,110 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSp
     tracker.log_plan(plan)
     log.info("search: %s", plan.summary())
     return plan
+
+
+def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device) -> Any:
+    """The pipeline with its T5 (or tiny) text encoder replaced by the plan's physically smaller one."""
+    pipe = load_pipeline(spec, device)
+    if not plan.is_identity:
+        encoder = text_encoder_of(pipe, spec)
+        set_text_encoder(pipe, spec, apply_plan(encoder, plan))
+        del encoder  # the dropped weights are freed here
+    return pipe
+
+
+def generation_settings(cfg: DictConfig) -> Any:
+    """The pipeline's generation settings, with its token length in the call (SPEC §1 trap 3)."""
+    from eval.score import settings_from_config
+
+    call = {**OmegaConf.to_container(cfg.pipeline.call_kwargs, resolve=True),
+            "max_sequence_length": int(cfg.pipeline.max_sequence_length)}
+    return settings_from_config(cfg.pipeline.generation, call, seed=int(cfg.seed))
+
+
+def _generate_into(cfg: DictConfig, pipe: Any, spec: PipelineSpec, plan: PruningPlan, root: Path) -> dict:
+    from eval.score import generate_all
+
+    # The folder identity: which pipeline and which encoder produced the images (not how the plan was found).
+    extra = {"pipeline": spec.name, "model_id": spec.model_id, "plan": plan.fingerprint()}
+    return generate_all(cfg.eval, pipe, root, generation_settings(cfg), extra=extra, overwrite=cfg.overwrite)
+
+
+class LazyPipeline:
+    """Loads the pruned pipeline on first use, so a rerun with finished stages loads nothing."""
+
+    def __init__(self, spec: PipelineSpec, plan: PruningPlan, device: torch.device):
+        self.spec, self.plan, self.device, self._pipe = spec, plan, device, None
+
+    def get(self) -> Any:
+        if self._pipe is None:
+            self._pipe = pruned_pipeline(self.spec, self.plan, self.device)
+        return self._pipe
+
+
+def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tracker) -> None:
+    """Images of every prompt set the selected metrics need (only the missing ones)."""
+    if not cfg.eval:
+        log.info("generate: no metrics selected (eval=none), nothing to generate")
+        return
+    if store.done("generate"):
+        log.info("generate: done before")
+        return
+    from eval.generate import read_manifest
+
+    results = _generate_into(cfg, pipe.get(), pipe.spec, pipe.plan, store.images_dir)
+    counts = {name: r.n_images for name, r in results.items()}
+    store.mark_done("generate", {"images": counts})
+    for name, r in results.items():
+        rows = read_manifest(r.out_dir)[:4]
+        tracker.log_images([r.out_dir / row["file"] for row in rows], [row["prompt"] for row in rows],
+                           key=f"samples/{name}")
+    log.info("generate: %s", counts)
+
+
+def dense_images(cfg: DictConfig, store: CellStore, spec: PipelineSpec, device: torch.device) -> Path:
+    """The dense run's image folder for this pipeline and seed, generating what is missing (locked)."""
+    if store.cell.method == "dense":
+        return store.images_dir
+    from skrr.surgery import identity_plan
+
+    dense = CellStore(store.results, Cell(spec.name, "dense", 0.0, store.cell.seed), {}, store.experiment)
+    root = dense.images_dir
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dense.dir / ".images.lock")):
+        pipe = load_pipeline(spec, device)
+        plan = identity_plan(text_encoder_of(pipe, spec))
+        _generate_into(cfg, pipe, spec, plan, root)
+    return root
+
+
+def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.device, tracker: Tracker) -> dict:
+    """One JSON per selected metric under metrics/ (existing ones are kept)."""
+    from eval.score import ScoreContext, metric_specs, score_all
+
+    specs = metric_specs(cfg.eval)
+    if not specs:
+        log.info("score: no metrics selected (eval=none)")
+        return {}
+    todo = [k for k in specs if not store.metric_path(k).exists()]
+    if not todo:
+        log.info("score: done before")
+    needs_dense = any(specs[k]["metric"] in DENSE_METRICS or specs[k].get("ref_dir") == "dense" for k in todo)
+    dense_root = dense_images(cfg, store, pipe.spec, device) if needs_dense else None
+    plan = pipe.plan
+    context = ScoreContext(device=str(device), target_sparsity=float(cfg.sparsity),
+                           realized_sparsity=plan.meta.get("realized_sparsity"),
+                           pipeline=pipe.get() if any(specs[k]["metric"] == "cost" for k in todo) else None,
+                           settings=generation_settings(cfg),
+                           info={"cell": store.cell.label(), "plan": plan.summary(), "signature": store.signature})
+    paths = score_all(cfg.eval, store.images_dir, dense_root, store.metrics_dir, context)
+    values = {k: _read_value(p) for k, p in paths.items()}
+    store.mark_done("score", {"metrics": values})
+    tracker.log_metrics(values)
+    return values
+
+
+def _read_value(path: Path) -> float | None:
+    from skrr.store import read_json
+
+    return read_json(path).get("value")

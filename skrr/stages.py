@@ -138,6 +138,7 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
     todo = [k for k in specs if not store.metric_path(k).exists()]
     if not todo:
         log.info("score: done before")
+        return {k: _read_value(store.metric_path(k)) for k in specs}
     needs_dense = any(specs[k]["metric"] in DENSE_METRICS or specs[k].get("ref_dir") == "dense" for k in todo)
     dense_root = dense_images(cfg, store, pipe.spec, device) if needs_dense else None
     plan = pipe.plan

@@ -72,7 +72,7 @@ def resolve_cell(cfg: DictConfig) -> tuple[DictConfig, str]:
 
 def config_that_matters(cfg: DictConfig) -> dict[str, Any]:
     """What determines a cell's plan and images (its signature); metric settings live in each metric file."""
-    keep = {k: cfg[k] for k in ("pipeline", "method", "calib", "sparsity", "seed", "plan_file")}
+    keep = {k: cfg[k] for k in ("pipeline", "method", "calib", "sparsity", "search_sparsities", "seed", "plan_file")}
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 

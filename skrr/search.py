@@ -57,28 +57,31 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
     sig = signature(encoder)
     cache = PlanCache(results)
     calib_cfg = OmegaConf.to_container(cfg.calib, resolve=True) if name != "dense" else {}
+    # The targets are part of the key: a beam search run further can pick a different best path, so a
+    # plan is only shared between cells that asked for the same set of targets (one experiment's cells).
     key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.max_sequence_length}",
-                    calib_cfg, {"name": name, **_jsonable(method.settings())})
+                    calib_cfg, {"name": name, "targets": [_skey(s) for s in sparsities],
+                                **_jsonable(method.settings())})
     path = cache.path(sig.model_id or sig.arch, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        record = cache.get(path) or {"method": name, "encoder": sig.describe(), "plans": {}}
-        missing = [s for s in sparsities if _skey(s) not in record["plans"]]
-        if missing:
+    with FileLock(str(path) + ".lock"):  # concurrent cells of one sweep wait for the first search
+        record = cache.get(path)
+        if record is None:
             start = time.time()
             if name == "dense":
                 from skrr.surgery import identity_plan
 
                 found = {s: identity_plan(encoder).with_meta(target_sparsity=0.0, realized_sparsity=0.0)
-                         for s in missing}
+                         for s in sparsities}
             else:
                 calib = calibration_set(cfg, encoder, tokenizer, spec, device,
                                         granularity=_granularity(method, encoder))
-                found = method.search_many(calib, missing)
-            for s, plan in found.items():
-                record["plans"][_skey(s)] = plan.with_meta(search_seconds=round(time.time() - start, 2)).to_dict()
+                found = method.search_many(calib, sparsities)
+            seconds = round(time.time() - start, 2)
+            record = {"method": name, "encoder": sig.describe(), "search_seconds": seconds,
+                      "plans": {_skey(s): p.with_meta(search_seconds=seconds).to_dict() for s, p in found.items()}}
             cache.put(path, record)
-            log.info("searched %s for %s in %.1fs -> %s", name, missing, time.time() - start, path)
+            log.info("searched %s for %s in %.1fs -> %s", name, sparsities, seconds, path)
         else:
             log.info("reusing cached %s plans from %s", name, path)
     return {s: PruningPlan.from_dict(record["plans"][_skey(s)]) for s in sparsities}

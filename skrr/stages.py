@@ -36,6 +36,7 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSp
     if store.done("search"):
         plan = store.load_plan()
         log.info("search: done before -> %s", plan.summary())
+        tracker.log_plan(plan)  # another experiment may mirror this cell under its own W&B group
         return plan
     if cfg.plan_file:
         encoder, _ = load_text_encoder(spec, device)
@@ -138,7 +139,9 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
     todo = [k for k in specs if not store.metric_path(k).exists()]
     if not todo:
         log.info("score: done before")
-        return {k: _read_value(store.metric_path(k)) for k in specs}
+        values = {k: _read_value(store.metric_path(k)) for k in specs}
+        tracker.log_metrics(values)
+        return values
     needs_dense = any(specs[k]["metric"] in DENSE_METRICS or specs[k].get("ref_dir") == "dense" for k in todo)
     dense_root = dense_images(cfg, store, pipe.spec, device) if needs_dense else None
     plan = pipe.plan

@@ -1,8 +1,8 @@
 """Weights & Biases mirror of one cell: config, plan, metrics and a few sample images.
 
 W&B is never the source of truth: nothing here reads back from it, and a W&B failure only logs a
-warning. The run id is derived from the cell and its config signature, so a resumed or re-issued cell
-logs into the same run (``resume="allow"``). Offline runs go to ``<results>/wandb/offline-run-*``
+warning. The run id is derived from the cell, its config signature and the experiment, so a resumed or re-issued
+cell logs into the same run (``resume="allow"``). Offline runs go to ``<results>/wandb/offline-run-*``
 (sync later with ``wandb sync <results>/wandb/offline-run-*``).
 
     tracker = Tracker(cfg.logger, cell, store.signature, group=cfg.experiment, config=resolved, results=...)
@@ -27,9 +27,13 @@ log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
 
 
-def run_id(cell: Cell, signature: str) -> str:
-    """Deterministic W&B run id of a cell: same cell and config signature -> same id."""
-    return short_hash({"cell": cell.label(), "signature": signature}, 16)
+def run_id(cell: Cell, signature: str, group: str = "adhoc") -> str:
+    """Deterministic W&B run id: same cell, config signature and experiment -> same run (resumed).
+
+    The experiment is part of the id because experiments share cells (Table 2 re-uses Table 1's folders):
+    each experiment's W&B group then holds a run for every one of its cells.
+    """
+    return short_hash({"cell": cell.label(), "signature": signature, "group": group}, 16)
 
 
 def has_api_key() -> bool:
@@ -61,9 +65,24 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(flatten(v, key + "/"))
-        elif isinstance(v, (int, float, str, bool)) and v is not None:
+        elif isinstance(v, (int, float, str, bool)):
             out[key] = v
     return out
+
+
+def _plain(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain dict of a config (an OmegaConf node is resolved where it can be)."""
+    if config is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(config, DictConfig):
+        try:
+            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+        except (OmegaConfBaseException, ValueError):  # ${hydra:...} outside a Hydra app: keep the text
+            return OmegaConf.to_container(config, resolve=False)  # type: ignore[return-value]
+    return dict(config)
 
 
 class Tracker:
@@ -72,15 +91,15 @@ class Tracker:
     def __init__(self, logger_cfg: Mapping[str, Any], cell: Cell, signature: str, group: str = "adhoc",
                  config: Mapping[str, Any] | None = None, results: str | Path | None = None) -> None:
         self.cell = cell
-        self.id = run_id(cell, signature)
+        self.id = run_id(cell, signature, group)
         self.mode = resolve_mode(logger_cfg)
         self.run: Any = None
         if self.mode == "disabled":
             return
-        config = dict(config or {})
+        config = _plain(config)
         root = Path(results or config.get("paths", {}).get("results") or "results")
         root.mkdir(parents=True, exist_ok=True)
-        tags = [cell.method, cell.pipeline] + ([cell.method_dir] if cell.tag else [])
+        tags = [cell.method, cell.pipeline, group] + ([cell.method_dir] if cell.tag else [])
         try:
             import wandb  # imported here: a disabled tracker has no wandb side effects
 
@@ -111,7 +130,7 @@ class Tracker:
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Add (or update) config entries of the run."""
         if self.run is not None:
-            self._guard("config", self.run.config.update, dict(config), allow_val_change=True)
+            self._guard("config", self.run.config.update, _plain(config), allow_val_change=True)
 
     def log_plan(self, plan: PruningPlan) -> None:
         """Plan summary, target and realized sparsity, removal order and skipped/re-used units."""

@@ -1,1 +1,59 @@
-"""Baseline pruning methods on the shared interface (SPEC §4): each returns a skrr.PruningPlan."""
+"""Baseline pruning methods on the shared interface (SPEC §4): each returns a skrr.PruningPlan.
+
+- ``baselines.shortgpt.ShortGPT``  whole blocks, lowest Block Influence first (arXiv 2403.03853)
+- ``baselines.laco.LaCo``          RDSC layer merging with a similarity threshold (arXiv 2402.11187)
+- ``baselines.finercut.FinerCut``  greedy removal of attention/FFN sub-blocks (arXiv 2405.18218)
+- ``baselines.magnitude.Magnitude`` unstructured |w| pruning of linear weights (arXiv 2411.15113)
+
+The submodules are not imported here (Hydra imports the one a config names); this module holds the
+few helpers they share and ``prune_encoder``, the one call that turns any method's plan into an encoder.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from skrr.plan import PruningPlan
+from skrr.surgery import apply_plan
+
+if TYPE_CHECKING:
+    from skrr.calib import CalibrationSet
+    from skrr.interface import PruningMethod
+
+__all__ = ["base_meta", "check_reuse_order", "prune_encoder", "with_reuse"]
+
+
+def base_meta(method: "PruningMethod", calib: "CalibrationSet") -> dict[str, Any]:
+    """What every baseline plan records: the method's settings and the calibration set's."""
+    return {"settings": method.settings(), "calib": calib.settings()}
+
+
+def with_reuse(calib: "CalibrationSet", plan: PruningPlan, order: str = "ascending") -> PruningPlan:
+    """Skrr's Re-use phase (Alg. 2) on a baseline plan (App. C.4): same sparsity, some skips re-use a unit.
+
+    The decisions and D before/after are recorded by ``skrr.method.reuse_phase`` in ``meta['reuse']``.
+    """
+    from skrr.method import reuse_phase  # looked up at call time (tests substitute it)
+
+    return reuse_phase(calib, plan, order=order)
+
+
+def check_reuse_order(order: str) -> str:
+    """Refuse a re-use order that skrr.method.reuse_phase does not know, at construction time."""
+    from skrr.method import REUSE_ORDERS
+
+    if order not in REUSE_ORDERS:
+        raise ValueError(f"reuse_order must be one of {REUSE_ORDERS}, got {order!r}")
+    return order
+
+
+def prune_encoder(encoder: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
+    """The pruned encoder of any method's plan: ``apply_plan`` for skip/re-use/merge plans, and for
+    magnitude plans (identity slots + a |w| rule in ``meta['magnitude']``) the encoder with weights zeroed.
+    """
+    if "magnitude" in plan.meta:
+        from baselines import magnitude
+
+        return magnitude.apply(encoder, plan, inplace=inplace)
+    return apply_plan(encoder, plan, inplace=inplace)

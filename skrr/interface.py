@@ -79,6 +79,7 @@ class PruningMethod(ABC):
 
     name: str = ""
     granularity: str = "unit"  # "unit" (attn/FFN sub-blocks) or "block"
+    needs_calibration: bool = True  # False: search reads only the weights (magnitude pruning)
 
     @abstractmethod
     def search(self, calib: "CalibrationSet", sparsity: float) -> PruningPlan:

@@ -73,6 +73,11 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
 
                 found = {s: identity_plan(encoder).with_meta(target_sparsity=0.0, realized_sparsity=0.0)
                          for s in sparsities}
+            elif not method.needs_calibration:  # weights only: skip encoding 1k prompts
+                calib = CalibrationSet(encoder, tokenizer, [""], None, max_length=spec.max_sequence_length,
+                                       use_projection=False, null_prompt=False, device=device,
+                                       granularity=_granularity(method, encoder))
+                found = method.search_many(calib, sparsities)
             else:
                 calib = calibration_set(cfg, encoder, tokenizer, spec, device,
                                         granularity=_granularity(method, encoder))

@@ -15,7 +15,6 @@ from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_t
 from skrr.plan import PruningPlan
 from skrr.search import search_plans
 from skrr.store import Cell, CellStore
-from skrr.surgery import apply_plan
 from skrr.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,12 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSp
 
 def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device) -> Any:
     """The pipeline with its T5 (or tiny) text encoder replaced by the plan's physically smaller one."""
+    from baselines import prune_encoder  # skip/re-use/merge plans via apply_plan; magnitude zeroes weights
+
     pipe = load_pipeline(spec, device)
-    if not plan.is_identity:
+    if not plan.is_identity or "magnitude" in plan.meta:
         encoder = text_encoder_of(pipe, spec)
-        set_text_encoder(pipe, spec, apply_plan(encoder, plan))
+        set_text_encoder(pipe, spec, prune_encoder(encoder, plan))
         del encoder  # the dropped weights are freed here
     return pipe
 

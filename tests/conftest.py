@@ -12,6 +12,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from skrr.tiny import tiny_bert, tiny_clip_text, tiny_t5  # noqa: E402
 
+# Tiny tensors: one thread is faster than two fighting over the CI machine's two cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def t5():

@@ -118,10 +118,13 @@ def test_ablation_sweeps() -> None:
     assert set(cells_of("table2")[0].metrics) == {"cost"}
 
 
-def test_demo_is_offline_and_block_only() -> None:
+def test_demo_is_offline_and_runs_every_method() -> None:
     cells = cells_of("demo")
-    assert {c.cell.pipeline for c in cells} == {"tiny_minilm"}
-    assert {c.cell.method for c in cells} == {"dense", "shortgpt", "laco", "skrr"}   # no sub-block FinerCut
+    assert {c.cell.pipeline for c in cells} == {"tiny_minilm", "tiny"}
+    minilm = {c.cell.method for c in cells if c.cell.pipeline == "tiny_minilm"}
+    assert minilm == {"dense", "shortgpt", "laco", "skrr", "magnitude"}   # BERT: no sub-block FinerCut
+    assert {c.cell.method for c in cells if c.cell.pipeline == "tiny"} == {"skrr", "finercut"}  # sub-blocks on T5
+    assert all(c.cell.tag == "t5" for c in cells if c.cell.pipeline == "tiny")
     assert len({c.cell.sparsity for c in cells if c.cell.method == "skrr"}) >= 2
     (cfg,) = compose_configs(CONFIG_DIR, ["experiment=demo"])
     for metric in cfg.eval.values():                        # offline backbones only

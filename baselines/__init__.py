@@ -10,7 +10,8 @@ few helpers they share and ``prune_encoder``, the one call that turns any method
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
 
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
     from skrr.interface import PruningMethod
 
-__all__ = ["base_meta", "check_reuse_order", "prune_encoder", "with_reuse"]
+__all__ = ["base_meta", "check_reuse_order", "prefix_plans", "prune_encoder", "with_reuse"]
+log = logging.getLogger(__name__)
 
 
 def base_meta(method: "PruningMethod", calib: "CalibrationSet") -> dict[str, Any]:
@@ -37,6 +39,20 @@ def with_reuse(calib: "CalibrationSet", plan: PruningPlan, order: str = "ascendi
     from skrr.method import reuse_phase  # looked up at call time (tests substitute it)
 
     return reuse_phase(calib, plan, order=order)
+
+
+def prefix_plans(method: "PruningMethod", calib: "CalibrationSet", order: list[int], targets: Iterable[float],
+                 granularity: str, meta: dict[str, Any], reuse: bool = False,
+                 reuse_order: str = "ascending") -> dict[float, PruningPlan]:
+    """Serve every target from one removal order: its shortest prefix (SPEC §1), then Re-use if asked."""
+    from skrr.interface import prefix_plan
+
+    plans = {}
+    for s in targets:
+        plan = prefix_plan(calib.encoder, order, s, granularity, method.name, meta)
+        plans[s] = with_reuse(calib, plan, reuse_order) if reuse else plan
+        log.info("%s: target %.4f -> %s", method.name, s, plans[s].summary())
+    return plans
 
 
 def check_reuse_order(order: str) -> str:

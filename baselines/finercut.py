@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
-from baselines import base_meta, check_reuse_order, with_reuse
-from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, check_sparsity, describe_order, prefix_length,
-                            prefix_plan)
+from baselines import base_meta, check_reuse_order, prefix_plans
+from skrr.interface import SPARSITY_TOLERANCE, PruningMethod, check_sparsity, describe_order, prefix_length
 from skrr.plan import PruningPlan
 from skrr.surgery import count_params, units
 
@@ -111,9 +110,4 @@ class FinerCut(PruningMethod):
         targets = [check_sparsity(s) for s in sparsities]
         order, scores = self.greedy_order(calib, max(targets, default=0.0))
         meta = {**base_meta(self, calib), "step_distance": scores}
-        plans = {}
-        for s in targets:
-            plan = prefix_plan(calib.encoder, order, s, "unit", self.name, meta)
-            plans[s] = with_reuse(calib, plan, self.reuse_order) if self.reuse else plan
-            log.info("finercut: target %.4f -> %s", s, plans[s].summary())
-        return plans
+        return prefix_plans(self, calib, order, targets, "unit", meta, self.reuse, self.reuse_order)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
-from baselines import base_meta, check_reuse_order, with_reuse
-from skrr.interface import PruningMethod, check_sparsity, describe_order, prefix_plan
+from baselines import base_meta, check_reuse_order, prefix_plans
+from skrr.interface import PruningMethod, check_sparsity, describe_order
 from skrr.plan import PruningPlan
 from skrr.surgery import StackRunner
 
@@ -72,9 +72,4 @@ class ShortGPT(PruningMethod):
         targets = [check_sparsity(s) for s in sparsities]
         order, bi = self.ranking(calib)
         meta = {**base_meta(self, calib), "block_influence": bi}
-        plans = {}
-        for s in targets:
-            plan = prefix_plan(calib.encoder, order, s, "block", self.name, meta)
-            plans[s] = with_reuse(calib, plan, self.reuse_order) if self.reuse else plan
-            log.info("shortgpt: target %.4f -> %s", s, plans[s].summary())
-        return plans
+        return prefix_plans(self, calib, order, targets, "block", meta, self.reuse, self.reuse_order)

@@ -20,15 +20,6 @@ SWEEPS = {"dense": [0.0], "skrr": [0.0, 0.1, 0.25], "shortgpt": [0.0, 0.1, 0.25]
           "finercut": [0.0, 0.1, 0.25], "magnitude": [0.0, 0.1, 0.25]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is ~5x faster than two fighting over a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def compose_cell(name):
     """The config run.py would see for ``pipeline=tiny method=<name>``, with a small calibration set."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -4,6 +4,25 @@ Skrr's metric (SPEC §2, paper Eq. 3-4): D = MSE(proj(E(C)), proj(E'(C))) + MSE(
 with proj the denoiser's own caption projection, prompts padded as the pipeline pads, mean over every
 element of [N, L, d] (padding included). The ablations of Table A13 are flags: cosine instead of MSE,
 no projection, no null prompt, valid-token mask. Dense features are computed once and cached.
+
+``discrepancy(plan)`` scores one plan with full forward passes. ``discrepancies(plans, bound)`` scores many
+plans at once with the same arithmetic and far less work (Skrr's search, SPEC §2 "exact speed-ups"):
+
+- shared prefixes: per prompt, the plans form a prefix tree; plans that agree on positions [0, p) share one
+  hidden state there, so a candidate S ∪ {u} of beam S only runs positions > u (and the beam's own trunk
+  runs once for all its candidates);
+- candidate batching: at each position a module runs once on every tree node that needs it (and, when no
+  bound is given, on several prompts at once);
+- early abandon: ∅ first, then the prompts one at a time; a plan whose partial error already exceeds
+  ``bound`` is dropped, since every remaining error term is >= 0 (D is a sum of non-negative terms);
+- padding: with ``token_mask`` the padded tail is cut (valid tokens give it zero attention weight and it is
+  not scored); without it nothing is cut, because padded positions are scored and depend on the prompt.
+
+Memory/compute trade-off: nothing is cached across prompts or rounds. The tree lives for one prompt, so
+memory is (live plans + 1) hidden states of one prompt plus one module call of at most ``max_tokens``
+rows x tokens; the price is that each beam's trunk (<= 48 units) is recomputed per prompt per round, a few
+per cent of the candidates' suffixes. Caching beam states across rounds at paper scale would need
+~k x 48 x 1,000 x 300 x 4,096 bf16 values (~350 GB), which is why it is not done.
 """
 from __future__ import annotations
 
@@ -11,21 +30,26 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from skrr.plan import PruningPlan
+from skrr.families import StackContext
+from skrr.plan import PruningPlan, Slot
 from skrr.surgery import StackRunner, default_granularity
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "calib_prompts.txt"
 METRICS = ("mse", "cosine")
+# Token budget of one module call in ``discrepancies`` (rows x tokens): T5-XXL at 300 tokens keeps
+# activations of one call to a few GiB in bf16; the tiny encoders are far below it.
+MAX_TOKENS = 2 ** 16
 
 
 class CalibrationError(ValueError):
@@ -92,6 +116,50 @@ class Batch:
     attention_mask: torch.Tensor
 
 
+@dataclass
+class _Chunk:
+    """Prompts (or ∅) scored together in ``discrepancies``: ids, mask, dense features (None: recompute them
+    on the trimmed input)."""
+
+    indices: list[int]  # prompt indices, [-1] for ∅
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    dense: torch.Tensor | None
+
+    @property
+    def null(self) -> bool:
+        return self.indices[0] < 0
+
+
+@dataclass
+class _Step:
+    """One position of the plan tree: which modules run on which node rows, and the rows that skip it.
+
+    Rows are nodes (distinct prefixes). After the step the new rows are the outputs of ``runs`` in order,
+    then the ``keep`` rows unchanged; ``slice(None)`` means every row in order (no gather).
+    """
+
+    runs: list[tuple[nn.Module, slice | torch.Tensor]]
+    keep: slice | torch.Tensor | None
+
+
+@dataclass
+class _Schedule:
+    """The plan tree of a set of plans, the same for every prompt: steps, and each plan's final row."""
+
+    steps: list[_Step]
+    leaves: list[int]
+
+
+@dataclass
+class ScoreStats:
+    """Work done by ``discrepancies`` / ``discrepancy`` (for logs and the search benchmark)."""
+
+    plans: int = 0  # plans asked for
+    abandoned: int = 0  # plans given up once their partial error passed the bound
+    token_evals: int = 0  # sum over module calls of rows x tokens (the FLOP proxy)
+
+
 class CalibrationSet:
     """Tokenized calibration prompts + ∅, cached dense features, and ``discrepancy(plan)``."""
 
@@ -125,6 +193,10 @@ class CalibrationSet:
                                                              self.null_batch.attention_mask))
                            if null_prompt else None)
         self.evaluations = 0  # candidate plans scored so far (for logs and benchmarks)
+        self.stats = ScoreStats()
+        # Mean error each prompt gave the plans of the last ``discrepancies`` call: the next call visits the
+        # prompts that separate plans most first, so hopeless plans pass the bound sooner (work only, not D).
+        self._prompt_error = [0.0] * len(self.prompts)
 
     # ----------------------------------------------------------------- set-up
     def _tokenize(self, texts: Sequence[str]) -> Batch:
@@ -157,29 +229,47 @@ class CalibrationSet:
         """f = proj(E(c)) (or E(c) itself without projection)."""
         return self.projection(last_hidden_state) if self.projection is not None else last_hidden_state
 
-    def distance(self, dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-        """(sum of per-element errors, number of elements) so batches average exactly."""
+    def row_errors(self, dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Per-prompt sums of element errors (float64, shape pruned.shape[:-2]) and elements per dense set.
+
+        ``pruned`` may carry extra leading dims (several plans against one dense batch). Summing each prompt
+        on its own and then the prompts exactly (``math.fsum``) makes D independent of how prompts are batched.
+        """
         dense, pruned = dense.float(), pruned.float()
         if self.metric == "mse":
-            err = (dense - pruned).pow(2)  # [N, L, d]
+            err = (dense - pruned).pow(2)  # [..., N, L, d]
             if self.token_mask:
-                m = mask.unsqueeze(-1).to(err.dtype)
-                return float((err * m).sum()), int(m.sum()) * err.shape[-1]
-            return float(err.sum()), err.numel()
-        # cosine distance per token (Table A13 ablation)
-        err = 1 - nn.functional.cosine_similarity(dense, pruned, dim=-1)  # [N, L]
+                err = err * mask.unsqueeze(-1).to(err.dtype)
+                count = int(mask.sum()) * err.shape[-1]
+            else:
+                count = math.prod(dense.shape)
+            return err.double().sum(dim=(-2, -1)), count
+        # cosine distance per token (Table A13 ablation), as 1 - cos = |a/|a| - b/|b||^2 / 2: the same number,
+        # but exactly 0 for identical features and never negative (which the early-abandon bound relies on).
+        unit_d = dense / dense.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        unit_p = pruned / pruned.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        err = 0.5 * (unit_d - unit_p).pow(2).sum(dim=-1)  # [..., N, L]
         if self.token_mask:
-            m = mask.to(err.dtype)
-            return float((err * m).sum()), int(m.sum())
-        return float(err.sum()), err.numel()
+            err = err * mask.to(err.dtype)
+            count = int(mask.sum())
+        else:
+            count = math.prod(dense.shape[:-1])
+        return err.double().sum(dim=-1), count
+
+    def distance(self, dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+        """(sum of per-element errors, number of elements) so batches average exactly."""
+        sums, count = self.row_errors(dense, pruned, mask)
+        return math.fsum(sums.tolist()), count
 
     def _mean_distance(self, outputs: Sequence[torch.Tensor], dense: Sequence[torch.Tensor],
                        batches: Sequence[Batch]) -> float:
-        total, count = 0.0, 0
+        rows: list[float] = []
+        count = 0
         for out, ref, b in zip(outputs, dense, batches):
-            s, n = self.distance(ref, out, b.attention_mask)
-            total, count = total + s, count + n
-        return total / max(count, 1)
+            sums, n = self.row_errors(ref, out, b.attention_mask)
+            rows += sums.tolist()
+            count += n
+        return math.fsum(rows) / max(count, 1)
 
     @torch.no_grad()
     def encode(self, plan: PruningPlan) -> list[torch.Tensor]:
@@ -190,8 +280,215 @@ class CalibrationSet:
     def discrepancy(self, plan: PruningPlan) -> float:
         """D(plan): distance to the dense features over the prompts, plus the same for ∅ (paper Eq. 4)."""
         self.evaluations += 1
+        self.stats.plans += 1
+        runs = sum(s is not None for s in plan.slots)
+        self.stats.token_evals += runs * sum(b.input_ids.numel() for b in self.batches)
         d = self._mean_distance(self.encode(plan), self.dense, self.batches)
         if self.null_prompt:
+            self.stats.token_evals += runs * self.null_batch.input_ids.numel()
             null = self.features(self.runner.forward(plan, self.null_batch.input_ids, self.null_batch.attention_mask))
             d += self._mean_distance([null], [self.dense_null], [self.null_batch])
         return d
+
+    # ----------------------------------------------------------------- many plans at once (search)
+    @torch.no_grad()
+    def discrepancies(self, plans: Sequence[PruningPlan], bound: float = math.inf, *, max_tokens: int = MAX_TOKENS,
+                      progress: Callable[[int], None] | None = None) -> list[float | None]:
+        """D of every plan, as ``discrepancy`` computes it, or None for a plan whose D is proven > ``bound``.
+
+        The exact speed-ups of the module docstring. Errors are summed per prompt and then exactly
+        (``math.fsum``), as in ``discrepancy``, so the numbers agree to the last bit whenever a prompt's
+        features do; BLAS may round a row differently when it is stacked with other rows (and with
+        ``token_mask`` the input is shorter), so in general they agree up to float rounding.
+        ``progress(n)`` is called as plans finish; ``max_tokens`` caps rows x tokens per module call.
+        """
+        for p in plans:
+            if p.encoder != self.runner.signature or p.granularity != self.granularity:
+                self.runner.check(p)  # raises the one-line reason
+        self.evaluations += len(plans)
+        self.stats.plans += len(plans)
+        n = len(plans)
+        keys = [[_slot_key(s) for s in p.slots] for p in plans]
+        sums_p: list[list[float]] = [[] for _ in range(n)]
+        sums_n: list[list[float]] = [[] for _ in range(n)]
+        count_p = self._total_count(self.batches)
+        count_n = self._total_count([self.null_batch]) if self.null_prompt else 0
+        alive = list(range(n))
+        done = [False] * n
+        max_rows = max(1, max_tokens // self.max_length)
+        seen: dict[int, float] = {}
+        schedule, scheduled = None, None
+        # Prompts share module calls up to max_tokens; with a bound, at most 1/32 of them at a time so that
+        # hopeless plans are still dropped early (one at a time below 64 prompts).
+        cap = len(self.prompts) if bound == math.inf else len(self.prompts) // 32
+
+        def per_chunk() -> int:
+            return max(1, min(max_rows // (len(alive) + 1), cap))
+        for chunk in self._chunks(per_chunk):
+            if not alive:
+                break
+            if scheduled != alive:  # the tree depends on the plans only: rebuild it when some were dropped
+                extra = [_identity_keys(self.identity)] if self.token_mask else []
+                schedule, scheduled = self._schedule([keys[i] for i in alive] + extra), list(alive)
+            sums = self._run_tree(chunk, schedule, max_rows)  # [alive, prompts], float64
+            rows = sums.tolist()  # one device sync per chunk
+            target = sums_n if chunk.null else sums_p
+            for i, row in zip(alive, rows):
+                target[i] += row
+            if not chunk.null:
+                seen.update(zip(chunk.indices, sums.mean(dim=0).tolist()))
+            if bound < math.inf:
+                # Every error term is >= 0, so the partial sums bound the final D from below.
+                keep = [i for i in alive if _mean(sums_p[i], count_p) + _mean(sums_n[i], count_n) <= bound]
+                if progress and len(keep) < len(alive):
+                    progress(len(alive) - len(keep))
+                self.stats.abandoned += len(alive) - len(keep)
+                for i in set(alive) - set(keep):
+                    done[i] = True
+                alive = keep
+        for k, err in seen.items():
+            self._prompt_error[k] = err
+        if progress and alive:
+            progress(len(alive))
+        # The same arithmetic as discrepancy(): exact sums of per-prompt sums, over all elements.
+        return [None if done[i] else _mean(sums_p[i], count_p) + _mean(sums_n[i], count_n) for i in range(n)]
+
+    def _total_count(self, batches: Sequence[Batch]) -> int:
+        """Number of error elements over some batches (what the mean divides by)."""
+        width = self.dense[0].shape[-1] if self.metric == "mse" else 1
+        if self.token_mask:
+            return sum(int(b.attention_mask.sum()) for b in batches) * width
+        return sum(b.input_ids.numel() for b in batches) * width
+
+    def _chunks(self, size: Callable[[], int]) -> Iterator[_Chunk]:
+        """∅ first (its one term weighs as much as all prompts together), then the prompts, ``size()`` at a
+        time, those that gave the largest errors last time first (so hopeless plans pass the bound sooner).
+
+        A chunk of one prompt keeps every mask at batch size 1, so it broadcasts over the stacked tree nodes;
+        with several prompts the mask is repeated per node.
+        """
+        if self.null_prompt:
+            yield self._chunk([-1], self.null_batch.input_ids, self.null_batch.attention_mask, self.dense_null)
+        where = [(b, i) for b, batch in enumerate(self.batches) for i in range(batch.input_ids.shape[0])]
+        order = sorted(range(len(where)), key=lambda k: (-self._prompt_error[k], k))
+        start = 0
+        while start < len(order):
+            picked = order[start:start + size()]
+            start += len(picked)
+            parts = [(self.batches[b], self.dense[b], i) for b, i in (where[k] for k in picked)]
+            yield self._chunk(picked, torch.cat([batch.input_ids[i:i + 1] for batch, _, i in parts]),
+                              torch.cat([batch.attention_mask[i:i + 1] for batch, _, i in parts]),
+                              torch.cat([dense[i:i + 1] for _, dense, i in parts]))
+
+    def _chunk(self, indices: list[int], ids: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> _Chunk:
+        if not self.token_mask:
+            return _Chunk(indices, ids, mask, dense)
+        # Valid tokens never attend to the padded tail and the tail is not scored: cut it off (exact up to
+        # rounding; the dense side is recomputed on the same cut input by the tree).
+        valid = mask.any(dim=0).nonzero()
+        length = int(valid.max()) + 1 if valid.numel() else 1
+        return _Chunk(indices, ids[:, :length], mask[:, :length], None)
+
+    def _schedule(self, keys: list[list[Any]]) -> _Schedule:
+        """The prefix tree of some plans (given by their slot keys): a node is a set of plans that agree on
+        every position so far and so share one hidden state (SPEC §2: reuse the hidden state of the shared
+        prefix); at each position a node splits by what its plans run there, a skip keeps the state as is,
+        and each module runs once on all nodes that need it (candidate batching).
+        """
+        groups = [list(range(len(keys)))]
+        steps = []
+        for pos in range(len(keys[0]) if keys else 0):
+            runs: dict[Any, list[tuple[int, list[int]]]] = {}
+            skips: list[tuple[int, list[int]]] = []
+            for row, members in enumerate(groups):
+                if len(members) == 1:
+                    parts = {keys[members[0]][pos]: members}
+                else:
+                    parts = {}
+                    for i in members:
+                        parts.setdefault(keys[i][pos], []).append(i)
+                for key, part in parts.items():
+                    (skips if key is None else runs.setdefault(key, [])).append((row, part))
+            device = self.device
+            step = _Step([(self._module(key), _rows([r for r, _ in items], len(groups), device))
+                          for key, items in runs.items()],
+                         _rows([r for r, _ in skips], len(groups), device) if skips else None)
+            groups = [part for items in runs.values() for _, part in items] + [part for _, part in skips]
+            steps.append(step)
+        leaf = {i: row for row, members in enumerate(groups) for i in members}
+        return _Schedule(steps, [leaf[i] for i in range(len(keys))])
+
+    def _module(self, key: Any) -> nn.Module:
+        return self.runner.module_for(Slot(key[0], key[1], key[2]))
+
+    def _run_tree(self, chunk: _Chunk, schedule: _Schedule, max_rows: int) -> torch.Tensor:
+        """Error sums [plans, prompts] (float64) of the scheduled plans on one chunk.
+
+        The hidden state holds one block of the chunk's prompts per tree node, node-major.
+        """
+        runner = self.runner
+        h, ctx = runner.prepare(chunk.input_ids, chunk.attention_mask)
+        prompts, length = h.shape[0], h.shape[1]
+        per_call = max(1, max_rows // prompts)  # nodes per module call
+        contexts: dict[int, StackContext] = {}
+
+        def context(nodes: int) -> StackContext:
+            # A [1, ...] mask broadcasts over the nodes; a per-prompt mask is repeated for each node.
+            if ctx.mask is None or ctx.mask.shape[0] == 1 or nodes == 1:
+                return ctx
+            if nodes not in contexts:
+                contexts[nodes] = StackContext(ctx.mask.repeat(nodes, *([1] * (ctx.mask.dim() - 1))), ctx.bias,
+                                               ctx.kwargs)
+            return contexts[nodes]
+
+        for step in schedule.steps:
+            nodes = h.view(-1, prompts, *h.shape[1:])
+            outs = []
+            for module, rows in step.runs:
+                x = _take(nodes, rows)
+                for start in range(0, x.shape[0], per_call):
+                    part = x[start:start + per_call].flatten(0, 1)
+                    self.stats.token_evals += part.shape[0] * length
+                    outs.append(module(part, context(part.shape[0] // prompts)))
+            if step.keep is not None:
+                outs.append(_take(nodes, step.keep).flatten(0, 1))
+            h = outs[0] if len(outs) == 1 else torch.cat(outs)
+        nodes = h.view(-1, prompts, *h.shape[1:])
+        leaves = schedule.leaves
+        ref = chunk.dense
+        if ref is None:  # token_mask: the dense reference on the same trimmed input is the last scheduled plan
+            ref = self.features(runner.finish(nodes[leaves[-1]]))
+            leaves = leaves[:-1]
+        index = torch.tensor(leaves, device=h.device)
+        sums = []
+        for start in range(0, len(leaves), per_call):
+            x = nodes.index_select(0, index[start:start + per_call])
+            feats = self.features(runner.finish(x.flatten(0, 1)))
+            sums.append(self.row_errors(ref, feats.view(x.shape[0], prompts, *feats.shape[1:]),
+                                        chunk.attention_mask)[0])
+        return torch.cat(sums)
+
+
+def _mean(sums: list[float], count: int) -> float:
+    """Exact sum of per-prompt error sums / element count (0 for an absent term, e.g. no ∅)."""
+    return math.fsum(sums) / count if count else 0.0
+
+
+def _identity_keys(plan: PruningPlan) -> list[Any]:
+    return [_slot_key(s) for s in plan.slots]
+
+
+def _rows(rows: list[int], total: int, device: torch.device) -> slice | torch.Tensor:
+    """A row selection: a slice when the rows are consecutive (no gather needed), else an index tensor."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows)) if len(rows) < total else slice(None)
+    return torch.tensor(rows, device=device)
+
+
+def _take(h: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    return h[rows] if isinstance(rows, slice) else h.index_select(0, rows)
+
+
+def _slot_key(slot: Slot | None) -> Any:
+    """Hashable identity of what runs at a position (None = skipped)."""
+    return None if slot is None else (slot.source, slot.part, slot.merged_from)

@@ -1,0 +1,230 @@
+"""Skrr search: prefix-cached vs straightforward, side by side on the same inputs (issue 3).
+
+    python scripts/bench_search.py                      # tiny 24-block T5 on CPU, both searches, same plan
+    python scripts/bench_search.py --paper-scale        # T5-v1.1-XXL shapes, random weights, GPU: cost estimate
+
+The default run builds a tiny-but-deep T5 (24 blocks = 48 units), a random PixArt caption projection and a
+few prompts from skrr/data/calib_prompts.txt, runs Skrr with ``prefix_cache=False`` (one full forward per
+candidate) and ``prefix_cache=True``, asserts that both return the same plans with the same scores and
+prints the times, the speed-up and the work done (token evaluations = rows x tokens over all module calls).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+from skrr.calib import DEFAULT_PROMPTS, MAX_TOKENS, CalibrationSet, load_prompts  # noqa: E402
+from skrr.method import Skrr, skip_phase  # noqa: E402
+
+log = logging.getLogger("bench_search")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--paper-scale", action="store_true", help="T5-v1.1-XXL architecture, random weights, GPU only")
+    p.add_argument("--layers", type=int, default=24, help="tiny T5 blocks (2 units each)")
+    p.add_argument("--d-model", type=int, default=32)
+    p.add_argument("--d-ff", type=int, default=64)
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="scale each unit's output projection by 10**U(-spread, 0): units of unequal importance, "
+                        "as in trained encoders (0 = the plain random tiny T5, where all units look alike)")
+    p.add_argument("--prompts", type=int, default=None, help="calibration prompts (default 8; paper scale 64)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per prompt, padded (default 64; paper "
+                                                                 "scale 300, PixArt-Σ)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.419], help="target sparsities")
+    p.add_argument("--beam-width", type=int, default=3)
+    p.add_argument("--no-reuse", action="store_true", help="time the Skip phase only")
+    p.add_argument("--metric", default="mse", choices=["mse", "cosine"])
+    p.add_argument("--token-mask", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a shared box)")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="rows x tokens per module call")
+    p.add_argument("--rounds", type=int, default=2, help="paper-scale: Skip rounds to time")
+    p.add_argument("--naive-evals", type=int, default=3, help="paper-scale: straightforward evaluations to time")
+    p.add_argument("--progress", action="store_true", help="show tqdm bars")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- tiny, CPU
+def tiny_calibration(args: argparse.Namespace) -> CalibrationSet:
+    """Tiny deep T5 + random PixArt caption projection + the first prompts of the shipped file."""
+    from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+    from skrr.tiny import tiny_t5, tiny_t5_tokenizer
+
+    encoder = tiny_t5(num_layers=args.layers, d_model=args.d_model, d_ff=args.d_ff, seed=args.seed)
+    if args.spread:
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for block in encoder.encoder.block:
+                for w in (block.layer[0].SelfAttention.o.weight, block.layer[1].DenseReluDense.wo.weight):
+                    w.mul_(10 ** (-args.spread * torch.rand((), generator=g)))
+    torch.manual_seed(args.seed)
+    projection = PixArtAlphaTextProjection(in_features=args.d_model, hidden_size=2 * args.d_model)
+    prompts = load_prompts(DEFAULT_PROMPTS)[:args.prompts]
+    return CalibrationSet(encoder, tiny_t5_tokenizer(), prompts, projection, max_length=args.max_length,
+                          metric=args.metric, token_mask=args.token_mask, batch_size=16)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Both searches on the same calibration set; assert equal plans, print times and the speed-up."""
+    torch.set_num_threads(args.threads)
+    calib = tiny_calibration(args)
+    print(f"tiny T5: {args.layers} blocks ({2 * args.layers} units), d_model {args.d_model}, d_ff {args.d_ff}, "
+          f"unit spread {args.spread} decades; "
+          f"{len(calib.prompts)} prompts + null, {args.max_length} tokens; metric {args.metric}, "
+          f"token_mask {args.token_mask}; k={args.beam_width}; targets {args.sparsity}; "
+          f"torch threads {args.threads}")
+    runs: dict[bool, dict[str, Any]] = {}
+    for cached in (False, True):
+        method = Skrr(beam_width=args.beam_width, reuse=not args.no_reuse, prefix_cache=cached,
+                      progress=args.progress, max_tokens=args.max_tokens)
+        calib.stats.token_evals, calib.evaluations, calib.stats.abandoned = 0, 0, 0
+        start = time.perf_counter()
+        plans = method.search_many(calib, args.sparsity)
+        seconds = time.perf_counter() - start
+        runs[cached] = {"plans": plans, "seconds": seconds, "tokens": calib.stats.token_evals,
+                        "evals": calib.evaluations, "abandoned": calib.stats.abandoned}
+        name = "prefix_cache=True " if cached else "prefix_cache=False"
+        print(f"{name}: {seconds:8.2f} s  {calib.evaluations:6d} candidates scored "
+              f"({calib.stats.abandoned} abandoned early)  {calib.stats.token_evals / 1e6:9.2f} M token-evals")
+    for s in args.sparsity:
+        a, b = runs[True]["plans"][s], runs[False]["plans"][s]
+        _require(a == b, f"plans differ at {s}: {a.summary()} vs {b.summary()}")
+        sa, sb = a.meta["search"], b.meta["search"]
+        _require(_close_beams(sa["beams"], sb["beams"]), f"beams or their scores differ at {s}")
+        if "reuse" in a.meta:
+            _require(math.isclose(a.meta["reuse"]["d_after"], b.meta["reuse"]["d_after"], rel_tol=1e-5),
+                     f"re-use D differs at {s}")
+        print(f"target {s}: identical plans -> {a.summary()}; D per round equal: "
+              f"{sa['round_best'] == sb['round_best']} (rounds {sa['rounds']})")
+    naive, fast = runs[False], runs[True]
+    print(f"speed-up: {naive['seconds'] / fast['seconds']:.1f}x wall clock, "
+          f"{naive['tokens'] / max(fast['tokens'], 1):.1f}x fewer token-evals")
+    return 0
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SystemExit(f"bench_search: {message}")
+
+
+def _close_beams(a: list, b: list) -> bool:
+    """Same beams in every round, scores equal up to float rounding."""
+    return len(a) == len(b) and all(
+        len(ra) == len(rb) and all(x["order"] == y["order"] and
+                                   math.isclose(x["score"], y["score"], rel_tol=1e-5, abs_tol=1e-12)
+                                   for x, y in zip(ra, rb)) for ra, rb in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------- paper scale
+@dataclass
+class RandomTokenizer:
+    """Stands in for the T5 tokenizer offline: 150-250 random ids per prompt (CC12M-like), eos 1, pad 0."""
+
+    vocab_size: int = 32128
+
+    def __call__(self, texts: list[str], padding: str, max_length: int, truncation: bool,
+                 add_special_tokens: bool, return_tensors: str) -> Any:
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+            n = 0 if not text else int(torch.randint(150, 251, (1,), generator=g))
+            n = min(n, max_length - 1)
+            ids[row, :n] = torch.randint(3, self.vocab_size, (n,), generator=g)
+            ids[row, n] = 1  # </s>
+            mask[row, :n + 1] = 1
+        return argparse.Namespace(input_ids=ids, attention_mask=mask)
+
+
+def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, device: str = "cuda") -> int:
+    """Time Skip rounds on T5-v1.1-XXL shapes (bf16, random weights) and extrapolate to 1k prompts, k=3."""
+    from diffusers.models.embeddings import PixArtAlphaTextProjection
+    from transformers import T5Config, T5EncoderModel
+
+    from skrr.architectures import T5_V1_1_XXL
+
+    cfg = T5Config(**{**T5_V1_1_XXL, **(arch or {})}, is_encoder_decoder=False, use_cache=False,
+                   tie_word_embeddings=False, dropout_rate=0.0)
+    cfg._name_or_path = "random/t5-v1_1-xxl-shapes"
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        encoder = T5EncoderModel(cfg).to(torch.bfloat16).eval()
+        projection = PixArtAlphaTextProjection(in_features=cfg.d_model, hidden_size=1152).to(torch.bfloat16)
+    prompts = [f"calibration prompt {i}" for i in range(args.prompts)]
+    start = time.perf_counter()
+    calib = CalibrationSet(encoder, RandomTokenizer(cfg.vocab_size), prompts, projection, max_length=args.max_length,
+                           metric=args.metric, token_mask=args.token_mask, batch_size=16, device=device)
+    _sync(device)
+    dense_s = time.perf_counter() - start
+    n_units, k = 2 * cfg.num_layers, args.beam_width
+    rounds = min(24, n_units)  # the paper ran 24 rounds
+    scale = 1000 / args.prompts
+    print(f"T5-v1.1-XXL shapes (d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, {cfg.num_layers} "
+          f"blocks), bf16, {device}; {args.prompts} prompts x {args.max_length} tokens + null; "
+          f"dense features in {dense_s:.1f} s")
+    # Straightforward: one full forward over every prompt and ∅ per candidate.
+    plan = calib.identity.with_slots({n_units - 2: None})
+    calib.discrepancy(plan)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.naive_evals):
+        calib.discrepancy(plan)
+    _sync(device)
+    naive_eval = (time.perf_counter() - start) / max(args.naive_evals, 1)
+    naive_count = n_units + k * sum(n_units - s for s in range(1, rounds))  # SPEC §2: 2,532 for T5-XXL, k=3
+    print(f"straightforward: {naive_eval:.2f} s per candidate ({args.prompts} prompts); 1k prompts, k={k}, "
+          f"{rounds} rounds = {naive_count} candidates: {naive_eval * scale * naive_count / 3600:.2f} h")
+    # Prefix-cached: time the first rounds (round 1 has no bound; later rounds abandon hopeless candidates).
+    result = skip_phase(calib, 0.0, k, max_rounds=args.rounds, prefix_cache=True, progress=args.progress,
+                        max_tokens=args.max_tokens)
+    for r, (sec, cands) in enumerate(zip(result.round_seconds, result.candidates), start=1):
+        print(f"round {r}: {sec:.1f} s for {cands} candidates x {args.prompts} prompts "
+              f"({sec / cands:.3f} s per candidate; straightforward {naive_eval:.3f} s)"
+              + (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device != "cpu" else ""))
+    # Extrapolate: a round costs ~ candidates x mean suffix ~ (units left)^2; the last timed round sets the
+    # rate (with its share of abandoned candidates), prompts scale linearly.
+    last = len(result.round_seconds)
+    rate = result.round_seconds[-1] / ((n_units - last + 1) * (n_units - last))
+    est = sum(result.round_seconds) + sum(rate * (n_units - r + 1) * (n_units - r) for r in range(last + 1, rounds + 1))
+    print(f"prefix-cached: estimated 1k prompts, k={k}, {rounds} rounds: {est * scale / 3600:.2f} h "
+          f"(timed rounds + later rounds at the rate of round {last}, scaled by (units left)^2); "
+          f"estimated speed-up {naive_eval * naive_count / est:.1f}x")
+    return 0
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.paper_scale:
+        if not torch.cuda.is_available():
+            print("bench_search: --paper-scale needs a CUDA GPU (T5-v1.1-XXL, ~10 GB of bf16 weights); none found",
+                  file=sys.stderr)
+            return 2
+        args.prompts, args.max_length = args.prompts or 64, args.max_length or 300
+        return paper_scale(args)
+    args.prompts, args.max_length = args.prompts or 8, args.max_length or 64
+    return compare(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Calibration: prompt files, seeded sampling, hashing, the discrepancy D (SPEC §2) and its fast exact path."""
+import random
+
+import pytest
+import torch
+from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+from skrr import PlanError, PruningPlan, Slot, identity_plan
+from skrr.calib import (DEFAULT_PROMPTS, CalibrationError, CalibrationSet, load_prompts, prompt_hash,
+                        sample_prompts)
+from skrr.tiny import tiny_t5, tiny_t5_tokenizer
+
+PROMPTS = load_prompts(DEFAULT_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_t5_tokenizer()
+
+
+def make_calib(tokenizer, encoder=None, prompts=PROMPTS[:5], max_length=48, **kw):
+    encoder = encoder if encoder is not None else tiny_t5(num_layers=3, seed=0)
+    torch.manual_seed(0)
+    projection = PixArtAlphaTextProjection(in_features=encoder.config.d_model, hidden_size=24)
+    kw.setdefault("batch_size", 2)
+    return CalibrationSet(encoder, tokenizer, prompts, projection, max_length=max_length, **kw)
+
+
+def random_plans(calib, n=12, seed=0):
+    """Skip plans of 1-3 positions and a few re-use plans."""
+    rng = random.Random(seed)
+    sig, size = calib.identity.encoder, calib.identity.num_positions
+    plans = [PruningPlan.from_skips(sig, rng.sample(range(size), rng.randint(1, 3))) for _ in range(n)]
+    plans.append(PruningPlan.from_skips(sig, [2]).with_slots({2: Slot(0, "attn")}))
+    plans.append(PruningPlan.from_skips(sig, [1, 4]).with_slots({1: Slot(3, "ffn")}))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------- prompt files
+def test_prompts_from_txt_jsonl_csv(tmp_path):
+    (tmp_path / "p.txt").write_text("a red car\n\n  a blue bird  \n")
+    (tmp_path / "p.jsonl").write_text('{"caption": "a red car"}\n\n{"caption": "a blue bird"}\n')
+    (tmp_path / "p.csv").write_text('id,text,other\n1,"a red car",x\n2,a blue bird,y\n')
+    (tmp_path / "q.csv").write_text("id,words\n1,a red car\n2,a blue bird\n")
+    want = ["a red car", "a blue bird"]
+    assert load_prompts(tmp_path / "p.txt") == want
+    assert load_prompts(tmp_path / "p.jsonl") == want
+    assert load_prompts(tmp_path / "p.csv") == want
+    assert load_prompts(tmp_path / "q.csv", column="words") == want
+    assert len(PROMPTS) >= 32 and all(PROMPTS)  # the shipped default file
+
+
+@pytest.mark.parametrize("content,suffix,match", [
+    (None, ".txt", "does not exist"),
+    ("\n \n", ".txt", "holds no prompts"),
+    ('{"caption": "ok"}\n{not json\n', ".jsonl", "not valid JSON"),
+    ("id,words\n1,a car\n", ".csv", "no column"),
+])
+def test_bad_prompt_files_are_one_line_errors(tmp_path, content, suffix, match):
+    path = tmp_path / f"prompts{suffix}"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(CalibrationError, match=match) as err:
+        load_prompts(path)
+    assert "\n" not in str(err.value)
+
+
+def test_seeded_sampling():
+    prompts = [f"prompt {i}" for i in range(100)]
+    a = sample_prompts(prompts, 10, seed=0)
+    assert a == sample_prompts(prompts, 10, seed=0)
+    assert a != sample_prompts(prompts, 10, seed=1)
+    assert len(set(a)) == 10 and a == sorted(a, key=prompts.index)  # file order kept
+    assert sample_prompts(prompts, None, seed=0) == prompts == sample_prompts(prompts, 500, seed=3)
+    with pytest.raises(CalibrationError):
+        sample_prompts(prompts, 0, seed=0)
+
+
+def test_hash_follows_the_prompts(tokenizer):
+    assert prompt_hash(["a", "b"]) == prompt_hash(["a", "b"])
+    assert prompt_hash(["a", "b"]) != prompt_hash(["b", "a"]) != prompt_hash(["a", "c"])
+    calib = make_calib(tokenizer, prompts=PROMPTS[:3])
+    other = make_calib(tokenizer, prompts=PROMPTS[1:4])
+    assert calib.hash == prompt_hash(PROMPTS[:3]) != other.hash
+    assert calib.settings()["prompt_hash"] == calib.hash and calib.settings()["num_prompts"] == 3
+
+
+# ----------------------------------------------------------------------------------------------- discrepancy
+def test_padding_and_dense_cache(tokenizer):
+    calib = make_calib(tokenizer, max_length=96)
+    assert [b.input_ids.shape for b in calib.batches] == [(2, 96), (2, 96), (1, 96)]
+    assert not calib.batches[0].attention_mask.all()  # padded as the pipeline pads
+    assert calib.null_batch.attention_mask.sum() == 1  # ∅ is just </s>
+    assert calib.dense[0].shape == (2, 96, 24)  # projected features, cached
+
+
+@pytest.mark.parametrize("kw", [{}, {"metric": "cosine"}, {"token_mask": True}, {"null_prompt": False}])
+def test_identity_scores_zero_and_skips_do_not(tokenizer, kw):
+    calib = make_calib(tokenizer, **kw)
+    assert calib.discrepancy(calib.identity) == 0.0
+    assert calib.discrepancy(calib.identity.with_slots({3: None})) > 0
+
+
+def test_discrepancy_is_the_paper_formula(tokenizer):
+    calib = make_calib(tokenizer, prompts=PROMPTS[:3])
+    plan = calib.identity.with_slots({1: None, 4: None})
+    enc, proj = calib.encoder, calib.projection
+    from skrr import apply_plan
+
+    pruned = apply_plan(enc, plan)
+
+    def feats(model, texts):
+        tok = tokenizer(texts, padding="max_length", max_length=48, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return proj(model(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state)
+
+    mse = torch.mean((feats(enc, PROMPTS[:3]) - feats(pruned, PROMPTS[:3])) ** 2)
+    mse_null = torch.mean((feats(enc, [""]) - feats(pruned, [""])) ** 2)
+    assert calib.discrepancy(plan) == pytest.approx(float(mse + mse_null), rel=1e-5)
+
+
+def test_null_prompt_flag_adds_the_empty_prompt_term(tokenizer):
+    plan_skips = {2: None, 5: None}
+    with_null = make_calib(tokenizer, null_prompt=True)
+    without = make_calib(tokenizer, null_prompt=False)
+    plan = with_null.identity.with_slots(plan_skips)
+    d_with, d_without = with_null.discrepancy(plan), without.discrepancy(plan)
+    null_only = with_null._mean_distance(
+        [with_null.features(with_null.runner.forward(plan, with_null.null_batch.input_ids,
+                                                     with_null.null_batch.attention_mask))],
+        [with_null.dense_null], [with_null.null_batch])
+    assert null_only > 0 and d_with == pytest.approx(d_without + null_only, rel=1e-12)
+    assert without.null_batch is None and "null_prompt" in without.settings()
+
+
+def test_batching_does_not_change_d(tokenizer):
+    calibs = [make_calib(tokenizer, batch_size=b) for b in (1, 2, 5)]
+    plan = calibs[0].identity.with_slots({1: None, 4: None})
+    values = [c.discrepancy(plan) for c in calibs]
+    assert values[0] == pytest.approx(values[1], rel=1e-6) and values[1] == pytest.approx(values[2], rel=1e-6)
+
+
+def test_plan_of_another_encoder_is_refused(tokenizer):
+    calib = make_calib(tokenizer)
+    with pytest.raises(PlanError):
+        calib.discrepancy(identity_plan(tiny_t5(num_layers=2)))
+    with pytest.raises(PlanError):
+        calib.discrepancies([identity_plan(tiny_t5(num_layers=2))])
+
+
+# ----------------------------------------------------------------------------------------------- fast path
+@pytest.mark.parametrize("kw", [{}, {"metric": "cosine"}, {"token_mask": True, "max_length": 96},
+                                {"use_projection": False, "null_prompt": False},
+                                {"token_mask": True, "metric": "cosine", "max_length": 96}])
+def test_discrepancies_equal_discrepancy(tokenizer, kw):
+    if kw.get("use_projection") is False:
+        calib = CalibrationSet(tiny_t5(num_layers=3), tokenizer, PROMPTS[:5], None, max_length=48,
+                               **{k: v for k, v in kw.items()})
+    else:
+        calib = make_calib(tokenizer, **kw)
+    plans = random_plans(calib)
+    slow = [calib.discrepancy(p) for p in plans]
+    fast = calib.discrepancies(plans, max_tokens=3 * 48)  # a tight budget: several module calls per position
+    assert fast == pytest.approx(slow, rel=1e-5, abs=1e-12)
+    if not kw.get("token_mask"):
+        assert fast == slow  # same rows, summed per prompt then exactly: bit-identical here
+    # A plan equivalent to the dense one scores 0 on the fast path too; with token_mask exactly, because the
+    # trimmed dense reference is the very same tree node.
+    zero = calib.discrepancies([calib.identity])[0]
+    assert zero == 0.0 if kw.get("token_mask") else zero < 1e-12
+
+
+@pytest.mark.parametrize("num_prompts", [5, 64])  # 64: with a bound, two prompts share each module call
+def test_discrepancies_abandon_only_plans_above_the_bound(tokenizer, num_prompts):
+    calib = make_calib(tokenizer, prompts=PROMPTS[:num_prompts], max_length=24, batch_size=16)
+    plans = random_plans(calib, n=20, seed=1)
+    full = calib.discrepancies(plans)
+    assert full == pytest.approx([calib.discrepancy(p) for p in plans], rel=1e-6)
+    bound = sorted(full)[6]
+    before = calib.stats.abandoned
+    bounded = calib.discrepancies(plans, bound)
+    assert calib.stats.abandoned - before == sum(v is None for v in bounded) > 0
+    for d, b in zip(full, bounded):
+        assert (b is None and d > bound) or b == pytest.approx(d, rel=1e-12)
+    # Every plan whose D is within the bound is returned.
+    assert sum(v is not None for v in bounded) >= 7
+
+
+def test_fast_path_does_less_work(tokenizer):
+    calib = make_calib(tokenizer)
+    plans = [calib.identity.with_slots({u: None}) for u in range(calib.identity.num_positions)]
+    calib.stats.token_evals = 0
+    for p in plans:
+        calib.discrepancy(p)
+    slow = calib.stats.token_evals
+    calib.stats.token_evals = 0
+    calib.discrepancies(plans)
+    # Sharing prefixes: the dense trunk once + each candidate's suffix, about half of the full passes.
+    assert calib.stats.token_evals < 0.7 * slow

@@ -1,0 +1,289 @@
+"""Skrr: Skip phase = Alg. 1 (beam search), Re-use phase = Alg. 2, the fast path changes nothing (SPEC §2-§3)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+from skrr import PruningPlan, Slot, apply_plan, count_params
+from skrr.calib import DEFAULT_PROMPTS, CalibrationSet, load_prompts
+from skrr.interface import SparsityError
+from skrr.method import Skrr, reuse_phase, skip_phase
+from skrr.plan import part_of
+from skrr.surgery import units
+from skrr.tiny import tiny_bert, tiny_t5, tiny_t5_tokenizer
+
+PROMPTS = load_prompts(DEFAULT_PROMPTS)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_t5_tokenizer()
+
+
+def make_calib(tokenizer, encoder=None, num_prompts=3, max_length=32, projection=True, **kw):
+    encoder = encoder if encoder is not None else tiny_t5(num_layers=4, seed=0)
+    proj = None
+    if projection:
+        torch.manual_seed(0)
+        proj = PixArtAlphaTextProjection(in_features=encoder.config.d_model, hidden_size=24)
+    return CalibrationSet(encoder, tokenizer, PROMPTS[:num_prompts], proj, max_length=max_length,
+                          use_projection=projection, **kw)
+
+
+def share(encoder, positions, granularity="unit"):
+    """Fraction of the encoder's parameters held by these units."""
+    sizes = units(encoder, granularity)
+    return sum(sizes[i].params for i in positions) / count_params(encoder)
+
+
+def skrr(**kw):
+    kw.setdefault("progress", False)
+    return Skrr(**kw)
+
+
+# ----------------------------------------------------------------------------------------------- Skip phase
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_exact_identity_units_are_skipped_with_zero_discrepancy(tokenizer, prefix_cache):
+    enc = tiny_t5(num_layers=4, seed=1)
+    with torch.no_grad():  # attention of block 1 (unit 2) and FFN of block 2 (unit 5) become the identity
+        enc.encoder.block[1].layer[0].SelfAttention.o.weight.zero_()
+        enc.encoder.block[2].layer[1].DenseReluDense.wo.weight.zero_()
+    calib = make_calib(tokenizer, enc)
+    plan = skrr(prefix_cache=prefix_cache).search(calib, share(enc, [2, 5]))
+    assert plan.skipped == (2, 5) and not plan.reused
+    assert plan.meta["search"]["path_scores"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    # Ties at D = 0 go to the lexicographically smaller list (exact zeros are guaranteed on the full-pass path).
+    assert plan.meta["order"] == [2, 5] or (prefix_cache and sorted(plan.meta["order"]) == [2, 5])
+    assert calib.discrepancy(plan) == 0.0  # same shapes as the dense pass: exactly 0
+    assert plan.method == "skrr" and plan.meta["realized_sparsity"] == pytest.approx(share(enc, [2, 5]))
+
+
+def greedy(calib, sparsity):
+    """A hand-written greedy loop (k = 1) on calib.discrepancy: lowest D, ties to the lower unit."""
+    enc, order, scores = calib.encoder, [], []
+    n = calib.identity.num_positions
+    while share(enc, order) < sparsity - 5e-4:
+        best = min((calib.discrepancy(PruningPlan.from_skips(calib.identity.encoder, order + [u])), u)
+                   for u in range(n) if u not in order)
+        order.append(best[1])
+        scores.append(best[0])
+    return order, scores
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_beam_width_one_is_greedy(tokenizer, prefix_cache):
+    calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=2))
+    target = 0.35
+    order, scores = greedy(calib, target)
+    plan = skrr(beam_width=1, reuse=False, prefix_cache=prefix_cache).search(calib, target)
+    assert plan.meta["order"] == order and plan.skipped == tuple(sorted(order))
+    assert plan.meta["search"]["round_best"] == pytest.approx(scores, rel=1e-6)
+    assert all(len(beams) == 1 for beams in plan.meta["search"]["beams"])
+
+
+def interacting_t5():
+    """Units 1 and 3 are the same FFN (harmless alone, harmful together: their effects add up); units 5 and 7
+    are opposite FFNs (each harmful alone, nearly harmless together); the attention units matter a lot."""
+    enc = tiny_t5(num_layers=4, seed=0)
+    block = enc.encoder.block
+    with torch.no_grad():
+        for b in block:
+            b.layer[0].SelfAttention.o.weight.mul_(0.5)
+        for src, dst, scale, sign in ((0, 1, 0.05, 1.0), (2, 3, 0.12, -1.0)):
+            ff_src, ff_dst = block[src].layer[1].DenseReluDense, block[dst].layer[1].DenseReluDense
+            ff_src.wo.weight.mul_(scale)
+            for name in ("wi_0", "wi_1", "wo"):
+                getattr(ff_dst, name).weight.copy_(getattr(ff_src, name).weight)
+            ff_dst.wo.weight.mul_(sign)
+            block[dst].layer[1].layer_norm.weight.copy_(block[src].layer[1].layer_norm.weight)
+    return enc
+
+
+def test_beam_search_finds_the_pair_greedy_misses(tokenizer):
+    enc = interacting_t5()
+    calib = make_calib(tokenizer, enc, num_prompts=4, projection=False)
+    d = {s: calib.discrepancy(PruningPlan.from_skips(calib.identity.encoder, s))
+         for s in [(1,), (3,), (5,), (7,), (1, 3), (5, 7)]}
+    assert d[(1, 3)] > d[(1,)] + d[(3,)]  # harmless alone, harmful together (what greedy walks into)
+    assert d[(5, 7)] < min(d[(5,)], d[(7,)])  # harmful alone, harmless together (what the beam keeps)
+    target = share(enc, [1, 3])
+    greedy_plan = skrr(beam_width=1, reuse=False).search(calib, target)
+    beam_plan = skrr(beam_width=3, reuse=False).search(calib, target)
+    assert greedy_plan.skipped == (1, 3) and beam_plan.skipped == (5, 7)
+    d_greedy, d_beam = calib.discrepancy(greedy_plan), calib.discrepancy(beam_plan)
+    assert d_greedy > d_beam
+    assert beam_plan.meta["search"]["path_scores"][-1] == pytest.approx(d_beam, rel=1e-6)
+
+
+def test_beam_rounds_follow_algorithm_1(tokenizer):
+    """Each round keeps the k lowest distinct sets over all expansions of all beams, ties by ordered list."""
+    calib = make_calib(tokenizer, tiny_t5(num_layers=3, seed=3))
+    k, rounds = 2, 3
+    result = skip_phase(calib, 0.0, beam_width=k, max_rounds=rounds, prefix_cache=True, progress=False)
+    sig, n = calib.identity.encoder, calib.identity.num_positions
+    beams = [()]
+    for r in range(rounds):
+        cands = {}
+        for b in beams:
+            for u in range(n):
+                if u not in b:
+                    key = frozenset(b + (u,))
+                    cands[key] = min(cands.get(key, b + (u,)), b + (u,))
+        scored = sorted((calib.discrepancy(PruningPlan.from_skips(sig, o)), o) for o in cands.values())
+        beams = [o for _, o in scored[:k]]
+        assert [b.order for b in result.rounds[r]] == beams
+        assert [b.score for b in result.rounds[r]] == pytest.approx([s for s, _ in scored[:k]], rel=1e-6)
+    assert result.order == list(beams[0]) and len(result.rounds) == rounds
+
+
+CONFIGS = [{}, {"token_mask": True, "max_length": 64}, {"metric": "cosine"},
+           {"metric": "cosine", "token_mask": True, "max_length": 64}, {"null_prompt": False, "projection": False}]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_prefix_cache_gives_the_same_plans(tokenizer, kw):
+    calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=4), **kw)
+    targets = [0.2, 0.45]
+    fast = skrr(prefix_cache=True, max_tokens=4 * calib.max_length).search_many(calib, targets)
+    slow = skrr(prefix_cache=False).search_many(calib, targets)
+    for s in targets:
+        assert fast[s] == slow[s], (fast[s].summary(), slow[s].summary())
+        a, b = fast[s].meta, slow[s].meta
+        assert a["order"] == b["order"]
+        assert [[x["order"] for x in r] for r in a["search"]["beams"]] == \
+            [[x["order"] for x in r] for r in b["search"]["beams"]]
+        assert a["search"]["round_best"] == pytest.approx(b["search"]["round_best"], rel=1e-5, abs=1e-12)
+        assert a["reuse"]["d_after"] == pytest.approx(b["reuse"]["d_after"], rel=1e-5, abs=1e-12)
+        assert [x["choice"] for x in a["reuse"]["steps"]] == [x["choice"] for x in b["reuse"]["steps"]]
+
+
+def test_search_is_deterministic_and_serves_every_sparsity(tokenizer):
+    calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=5))
+    targets = [0.1, 0.25, 0.45]
+    one = skrr(reuse=False).search_many(calib, targets)
+    two = skrr(reuse=False).search_many(calib, targets)
+    prefixes = []
+    for s in targets:
+        assert one[s] == two[s] and one[s].meta["search"]["beams"] == two[s].meta["search"]["beams"]
+        meta = one[s].meta
+        assert meta["target_sparsity"] == s and meta["realized_sparsity"] >= s - 5e-4
+        assert share(calib.encoder, meta["order"][:meta["prefix"] - 1]) < s - 5e-4  # shortest prefix
+        assert meta["order"] == one[targets[-1]].meta["order"]  # one search, one path
+        assert meta["beam_width"] == 3 and meta["calib"] == calib.settings()
+        prefixes.append(meta["prefix"])
+    assert prefixes == sorted(prefixes)
+    assert share(calib.encoder, one[0.45].meta["order"]) >= 0.45 - 5e-4  # searched until the largest target
+
+
+def test_max_rounds_and_unreachable_targets(tokenizer):
+    calib = make_calib(tokenizer, tiny_t5(num_layers=3, seed=6))
+    plan = skrr(reuse=False, max_rounds=4).search(calib, 0.1)
+    assert plan.meta["search"]["rounds"] == 4 and len(plan.meta["order"]) == 4
+    with pytest.raises(SparsityError):
+        skrr().search(calib, 0.99)  # the embedding alone is more than 1 %
+    dense = skrr().search(calib, 0.0)
+    assert dense.is_identity and dense.meta["realized_sparsity"] == 0.0
+
+
+def test_block_only_encoders_are_searched_in_blocks():
+    class WordTokenizer:
+        """Deterministic word -> id map for the tiny BERT (vocab 100), padded to max_length."""
+
+        def __call__(self, texts, padding, max_length, truncation, add_special_tokens, return_tensors):
+            ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, t in enumerate(texts):
+                toks = [1] + [3 + sum(map(ord, w)) % 90 for w in t.split()][:max_length - 2] + [2]
+                ids[r, :len(toks)] = torch.tensor(toks)
+                mask[r, :len(toks)] = 1
+            return type("Tok", (), {"input_ids": ids, "attention_mask": mask})
+
+    enc = tiny_bert(num_layers=4, seed=0)
+    calib = CalibrationSet(enc, WordTokenizer(), PROMPTS[:3], None, use_projection=False, max_length=24)
+    plans = {pc: skrr(prefix_cache=pc).search(calib, 0.3) for pc in (True, False)}
+    assert plans[True] == plans[False]
+    assert plans[True].granularity == "block" and plans[True].skipped
+
+
+# ----------------------------------------------------------------------------------------------- Re-use phase
+def reuse_by_hand(calib, plan):
+    """Algorithm 2 written out with calib.discrepancy (ascending order, strict improvement)."""
+    kept = [j for j, s in enumerate(plan.slots) if s is not None and s.source == j]
+    current = plan
+    for i in [i for i, s in enumerate(plan.slots) if s is None]:
+        kind = part_of(i, plan.granularity)
+        same = [j for j in kept if part_of(j, plan.granularity) == kind]
+        left = max((j for j in same if j < i), default=None)
+        right = min((j for j in same if j > i), default=None)
+        d_m = calib.discrepancy(current)
+        d_l = calib.discrepancy(current.with_slots({i: Slot(left, kind)})) if left is not None else float("inf")
+        d_r = calib.discrepancy(current.with_slots({i: Slot(right, kind)})) if right is not None else float("inf")
+        if d_l < d_m and d_l < d_r:
+            current = current.with_slots({i: Slot(left, kind)})
+        elif d_r < d_m and d_r < d_l:
+            current = current.with_slots({i: Slot(right, kind)})
+    return current
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_reuse_is_algorithm_2_never_worse_and_adds_no_parameters(tokenizer, prefix_cache):
+    enc = tiny_t5(num_layers=6, seed=0)
+    calib = make_calib(tokenizer, enc, num_prompts=4, max_length=48)
+    skip = skrr(reuse=False).search(calib, 0.4)
+    reused = reuse_phase(calib, skip, prefix_cache=prefix_cache)
+    assert reused.reused, "the case must exercise re-use"
+    assert reused == reuse_by_hand(calib, skip)
+    assert all(part_of(i, "unit") == part_of(j, "unit") for i, j in reused.reused.items())
+    d_skip, d_reuse = calib.discrepancy(skip), calib.discrepancy(reused)
+    assert d_reuse < d_skip
+    meta = reused.meta["reuse"]
+    assert meta["d_before"] == pytest.approx(d_skip, rel=1e-6) and meta["d_after"] == pytest.approx(d_reuse, rel=1e-6)
+    assert count_params(apply_plan(enc, reused)) == count_params(apply_plan(enc, skip))
+    assert reused.dropped == skip.dropped and reused.meta["realized_sparsity"] == skip.meta["realized_sparsity"]
+    # Through the method too: reuse=True is the skip plan followed by the same Re-use phase.
+    assert skrr(reuse=True, prefix_cache=prefix_cache).search(calib, 0.4) == reused
+
+
+def test_reuse_in_skip_order_and_on_block_plans(tokenizer):
+    enc = tiny_t5(num_layers=6, seed=0)
+    calib = make_calib(tokenizer, enc, num_prompts=4, max_length=48)
+    skip = skrr(reuse=False).search(calib, 0.4)
+    in_order = reuse_phase(calib, skip, order="skip")
+    assert [s["position"] for s in in_order.meta["reuse"]["steps"]] == skip.meta["order"][:skip.meta["prefix"]]
+    assert in_order.meta["reuse"]["d_after"] <= in_order.meta["reuse"]["d_before"]
+    # A ShortGPT-style block plan on a unit calibration set: l/r are the nearest kept blocks.
+    blocks = PruningPlan.from_skips(calib.identity.encoder, [2, 3], "block", "shortgpt", {"order": [3, 2]})
+    plan = reuse_phase(calib, blocks)
+    assert plan.granularity == "block" and plan.dropped == (2, 3)
+    for i, j in plan.reused.items():
+        assert j in ((1, 4) if i in (2, 3) else ())
+    assert plan.meta["reuse"]["d_after"] <= plan.meta["reuse"]["d_before"]
+    with pytest.raises(ValueError):
+        reuse_phase(calib, skip, order="random")
+
+
+# ----------------------------------------------------------------------------------------------- wiring
+def test_config_instantiates_the_paper_defaults():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    method = instantiate(OmegaConf.load(ROOT / "configs" / "method" / "skrr.yaml"))
+    assert isinstance(method, Skrr) and method.name == "skrr"
+    assert method.settings() == {"beam_width": 3, "reuse": True, "reuse_order": "ascending", "max_rounds": None}
+    assert method.prefix_cache is True
+
+
+def test_bench_refuses_paper_scale_without_gpu(capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "scripts" / "bench_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_search", bench)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--paper-scale"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "GPU" in err and "\n" not in err

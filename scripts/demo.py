@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            **os.environ}
     start = time.time()
-    print(f"skrr demo: searching, generating and scoring 16 cells offline on CPU -> {results}", flush=True)
+    print(f"skrr demo: searching, generating and scoring 15 cells offline on CPU -> {results}", flush=True)
     sweep = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "experiment=demo",
                             f"paths.results={results}", "hydra.verbose=false"], cwd=ROOT, env=env)
     if sweep.returncode != 0:

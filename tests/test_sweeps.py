@@ -1,0 +1,59 @@
+"""Sweeps: a 2-cell multirun with submitit_local completes and a re-issue fills nothing; a run killed with
+SIGKILL mid-generation resumes to the same outputs as an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+SAMPLES = [f"eval.{m}.prompts.samples_per_prompt=3" for m in ("fid", "clip", "dreamsim")]
+
+
+def run_py(*args, results, multirun=False):
+    env = {**ENV, "SKRR_CACHE": str(results / "cache")}
+    flags = ["-m"] if multirun else []
+    return [sys.executable, str(ROOT / "run.py"), *flags, f"paths.results={results}", "logger=none", *args], env
+
+
+def test_two_cell_multirun_with_submitit_local(tmp_path):
+    cmd, env = run_py("experiment=demo", "cell=0,1", "stages=[search]", "hydra/launcher=submitit_local",
+                      "hydra.launcher.timeout_min=10", results=tmp_path, multirun=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = sorted(p.parent.parent.relative_to(tmp_path / "runs").as_posix()
+                  for p in (tmp_path / "runs").rglob("stages/search.json"))
+    assert done == ["tiny_minilm/dense/s0.000/seed0", "tiny_minilm/shortgpt/s0.078/seed0"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json") if p.name != "cell.json"}
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # the re-issued sweep had nothing to fill
+
+
+def outputs(results):
+    cell = results / "runs/tiny/shortgpt/s0.300/seed0"
+    plan = json.loads((cell / "plan.json").read_text())
+    images = {p.name: p.read_bytes() for p in sorted((cell / "images/tiny/images").glob("*.png"))}
+    metrics = {p.stem: json.loads(p.read_text())["value"] for p in (cell / "metrics").glob("*.json")}
+    return plan["slots"], plan["meta"]["order"], images, metrics
+
+
+def test_killed_run_resumes_to_identical_outputs(tmp_path):
+    args = ["pipeline=tiny", "method=shortgpt", "sparsity=0.3", "eval=offline", *SAMPLES]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cmd, env = run_py(*args, results=clean)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+
+    cmd, env = run_py(*args, results=killed)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    images = killed / "runs/tiny/shortgpt/s0.300/seed0/images/tiny/images"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not any(images.glob("*.png")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid-generation (or, on a fast machine, a little later)
+    proc.wait()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert outputs(killed) == outputs(clean)

@@ -115,7 +115,9 @@ class CellStore:
         meta = self.dir / "cell.json"
         if meta.exists():
             old = read_json(meta)
-            if old.get("signature") != self.signature:
+            # A folder with no finished stage holds nothing to protect (e.g. a run that failed to load weights).
+            has_results = any((self.dir / "stages").glob("*.json"))
+            if old.get("signature") != self.signature and has_results:
                 changed = _diff_keys(old.get("config", {}), self.config)
                 if not overwrite:
                     raise StoreError(

@@ -73,24 +73,35 @@ def generation_settings(cfg: DictConfig) -> Any:
     return settings_from_config(cfg.pipeline.generation, call, seed=int(cfg.seed))
 
 
-def _generate_into(cfg: DictConfig, pipe: Any, spec: PipelineSpec, plan: PruningPlan, root: Path) -> dict:
+def _generate_into(cfg: DictConfig, pipe: "LazyPipeline", root: Path) -> dict:
     from eval.score import generate_all
 
-    # The folder identity: which pipeline and which encoder produced the images (not how the plan was found).
-    extra = {"pipeline": spec.name, "model_id": spec.model_id, "plan": plan.fingerprint()}
-    return generate_all(cfg.eval, pipe, root, generation_settings(cfg), extra=extra, overwrite=cfg.overwrite)
+    return generate_all(cfg.eval, pipe, root, generation_settings(cfg), extra=pipe.identity(), overwrite=cfg.overwrite)
 
 
 class LazyPipeline:
-    """Loads the pruned pipeline on first use, so a rerun with finished stages loads nothing."""
+    """The (pruned) pipeline of a cell, loaded on its first call: a rerun whose images exist loads nothing.
 
-    def __init__(self, spec: PipelineSpec, plan: PruningPlan, device: torch.device):
+    ``plan=None`` is the dense pipeline. Callable like the diffusers pipeline it stands for.
+    """
+
+    def __init__(self, spec: PipelineSpec, plan: PruningPlan | None, device: torch.device):
         self.spec, self.plan, self.device, self._pipe = spec, plan, device, None
 
     def get(self) -> Any:
         if self._pipe is None:
-            self._pipe = pruned_pipeline(self.spec, self.plan, self.device)
+            self._pipe = (load_pipeline(self.spec, self.device) if self.plan is None
+                          else pruned_pipeline(self.spec, self.plan, self.device))
         return self._pipe
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get()(*args, **kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        """Which pipeline and which encoder make the images (not how the plan was found): the folder identity."""
+        dense = self.plan is None or (self.plan.is_identity and "magnitude" not in self.plan.meta)
+        return {"pipeline": self.spec.name, "model_id": self.spec.model_id, "revision": self.spec.revision,
+                "plan": "dense" if dense else self.plan.fingerprint()}
 
 
 def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tracker) -> None:
@@ -103,7 +114,7 @@ def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tra
         return
     from eval.generate import read_manifest
 
-    results = _generate_into(cfg, pipe.get(), pipe.spec, pipe.plan, store.images_dir)
+    results = _generate_into(cfg, pipe, store.images_dir)
     counts = {name: r.n_images for name, r in results.items()}
     store.mark_done("generate", {"images": counts})
     for name, r in results.items():
@@ -117,15 +128,11 @@ def dense_images(cfg: DictConfig, store: CellStore, spec: PipelineSpec, device: 
     """The dense run's image folder for this pipeline and seed, generating what is missing (locked)."""
     if store.cell.method == "dense":
         return store.images_dir
-    from skrr.surgery import identity_plan
-
     dense = CellStore(store.results, Cell(spec.name, "dense", 0.0, store.cell.seed), {}, store.experiment)
     root = dense.images_dir
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dense.dir / ".images.lock")):
-        pipe = load_pipeline(spec, device)
-        plan = identity_plan(text_encoder_of(pipe, spec))
-        _generate_into(cfg, pipe, spec, plan, root)
+        _generate_into(cfg, LazyPipeline(spec, None, device), root)  # loads the pipeline only if images are missing
     return root
 
 

@@ -26,7 +26,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from skrr.calib import DEFAULT_PROMPTS, MAX_TOKENS, CalibrationSet, load_prompts  # noqa: E402
+from skrr.calib import DEFAULT_PROMPTS, MAX_TOKENS, CalibrationSet, ScoreStats, load_prompts  # noqa: E402
 from skrr.method import Skrr, skip_phase  # noqa: E402
 
 log = logging.getLogger("bench_search")
@@ -92,14 +92,14 @@ def compare(args: argparse.Namespace) -> int:
     for cached in (False, True):
         method = Skrr(beam_width=args.beam_width, reuse=not args.no_reuse, prefix_cache=cached,
                       progress=args.progress, max_tokens=args.max_tokens)
-        calib.stats.token_evals, calib.evaluations, calib.stats.abandoned = 0, 0, 0
+        calib.stats = ScoreStats()
         start = time.perf_counter()
         plans = method.search_many(calib, args.sparsity)
         seconds = time.perf_counter() - start
         runs[cached] = {"plans": plans, "seconds": seconds, "tokens": calib.stats.token_evals,
-                        "evals": calib.evaluations, "abandoned": calib.stats.abandoned}
+                        "evals": calib.stats.plans, "abandoned": calib.stats.abandoned}
         name = "prefix_cache=True " if cached else "prefix_cache=False"
-        print(f"{name}: {seconds:8.2f} s  {calib.evaluations:6d} candidates scored "
+        print(f"{name}: {seconds:8.2f} s  {calib.stats.plans:6d} candidates scored "
               f"({calib.stats.abandoned} abandoned early)  {calib.stats.token_evals / 1e6:9.2f} M token-evals")
     for s in args.sparsity:
         a, b = runs[True]["plans"][s], runs[False]["plans"][s]

@@ -192,7 +192,6 @@ class CalibrationSet:
         self.dense_null = (self.features(self.runner.forward(self.identity, self.null_batch.input_ids,
                                                              self.null_batch.attention_mask))
                            if null_prompt else None)
-        self.evaluations = 0  # candidate plans scored so far (for logs and benchmarks)
         self.stats = ScoreStats()
         # Mean error each prompt gave the plans of the last ``discrepancies`` call: the next call visits the
         # prompts that separate plans most first, so hopeless plans pass the bound sooner (work only, not D).
@@ -256,11 +255,6 @@ class CalibrationSet:
             count = math.prod(dense.shape[:-1])
         return err.double().sum(dim=-1), count
 
-    def distance(self, dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-        """(sum of per-element errors, number of elements) so batches average exactly."""
-        sums, count = self.row_errors(dense, pruned, mask)
-        return math.fsum(sums.tolist()), count
-
     def _mean_distance(self, outputs: Sequence[torch.Tensor], dense: Sequence[torch.Tensor],
                        batches: Sequence[Batch]) -> float:
         rows: list[float] = []
@@ -269,7 +263,7 @@ class CalibrationSet:
             sums, n = self.row_errors(ref, out, b.attention_mask)
             rows += sums.tolist()
             count += n
-        return math.fsum(rows) / max(count, 1)
+        return _mean(rows, count)
 
     @torch.no_grad()
     def encode(self, plan: PruningPlan) -> list[torch.Tensor]:
@@ -279,7 +273,6 @@ class CalibrationSet:
     @torch.no_grad()
     def discrepancy(self, plan: PruningPlan) -> float:
         """D(plan): distance to the dense features over the prompts, plus the same for ∅ (paper Eq. 4)."""
-        self.evaluations += 1
         self.stats.plans += 1
         runs = sum(s is not None for s in plan.slots)
         self.stats.token_evals += runs * sum(b.input_ids.numel() for b in self.batches)
@@ -305,7 +298,6 @@ class CalibrationSet:
         for p in plans:
             if p.encoder != self.runner.signature or p.granularity != self.granularity:
                 self.runner.check(p)  # raises the one-line reason
-        self.evaluations += len(plans)
         self.stats.plans += len(plans)
         n = len(plans)
         keys = [[_slot_key(s) for s in p.slots] for p in plans]

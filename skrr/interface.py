@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from skrr.plan import PruningPlan, part_of
-from skrr.surgery import count_params, signature, units
+from skrr.surgery import count_params, removed_fraction, signature, units
 
 if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
@@ -61,12 +61,6 @@ def prefix_plan(encoder: Any, order: Sequence[int], sparsity: float, granularity
                                   {**(meta or {}), "order": list(map(int, order)), "prefix": k,
                                    "target_sparsity": float(sparsity)})
     return plan.with_meta(realized_sparsity=removed_fraction(encoder, plan))
-
-
-def removed_fraction(encoder: Any, plan: PruningPlan) -> float:
-    """Realized sparsity of a plan (SPEC §1), without re-validating it."""
-    sizes = units(encoder, plan.granularity)
-    return sum(sizes[i].params for i in plan.dropped) / count_params(encoder)
 
 
 def describe_order(order: Iterable[int], granularity: str) -> str:

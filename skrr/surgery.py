@@ -88,10 +88,15 @@ def removed_params(encoder: nn.Module, plan: PruningPlan) -> int:
     return sum(sizes[i].params for i in plan.dropped)
 
 
+def removed_fraction(encoder: nn.Module, plan: PruningPlan) -> float:
+    """Realized sparsity of a plan (SPEC §1), without re-validating it."""
+    return removed_params(encoder, plan) / count_params(encoder)
+
+
 def realized_sparsity(encoder: nn.Module, plan: PruningPlan) -> float:
     """Removed parameters / all parameters of the dense encoder, embedding included (SPEC §1)."""
     plan.validate(encoder)
-    return removed_params(encoder, plan) / count_params(encoder)
+    return removed_fraction(encoder, plan)
 
 
 class StackRunner:
@@ -202,7 +207,7 @@ def apply_plan(encoder: nn.Module, plan: PruningPlan, inplace: bool = False) -> 
     runner = StackRunner(encoder, plan.granularity)
     runner.check(plan)
     fam = runner.family
-    sparsity = removed_params(encoder, plan) / count_params(encoder)
+    sparsity = removed_fraction(encoder, plan)
     new_blocks = nn.ModuleList(fam.slot_block(encoder, mods, b)
                                for b, mods in enumerate(_block_positions(plan, runner)))
     if inplace:

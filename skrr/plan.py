@@ -11,6 +11,7 @@ A plan lists the *positions* of the original stack (units, SPEC §1: ``2b`` = at
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ class Slot:
         if self.part not in PARTS:
             raise PlanError(f"slot part {self.part!r} is not one of {PARTS}")
         object.__setattr__(self, "merged_from", tuple(int(i) for i in self.merged_from))
+
+
+@functools.lru_cache(maxsize=16)
+def _own_slots(n: int, granularity: str) -> tuple[Slot, ...]:
+    # Slots are immutable, so plans share them (a search builds thousands of plans).
+    return tuple(Slot(i, part_of(i, granularity)) for i in range(n))
 
 
 def part_of(position: int, granularity: str) -> str:
@@ -83,8 +90,7 @@ class PruningPlan:
     @classmethod
     def identity(cls, encoder: EncoderSignature, granularity: str = "unit", method: str = "dense") -> "PruningPlan":
         """The dense reference: every position runs its own unit."""
-        n = num_positions(encoder, granularity)
-        return cls(encoder, granularity, tuple(Slot(i, part_of(i, granularity)) for i in range(n)), method)
+        return cls(encoder, granularity, _own_slots(num_positions(encoder, granularity), granularity), method)
 
     @classmethod
     def from_skips(cls, encoder: EncoderSignature, skipped: Iterable[int], granularity: str = "unit",
@@ -95,7 +101,7 @@ class PruningPlan:
         bad = sorted(i for i in skipped if not 0 <= i < n)
         if bad:
             raise PlanError(f"positions {bad} are out of range for {n} {granularity}s of {encoder.describe()}")
-        slots = tuple(None if i in skipped else Slot(i, part_of(i, granularity)) for i in range(n))
+        slots = tuple(None if i in skipped else slot for i, slot in enumerate(_own_slots(n, granularity)))
         return cls(encoder, granularity, slots, method, dict(meta or {}))
 
     def with_slots(self, changes: dict[int, Slot | None], **meta: Any) -> "PruningPlan":

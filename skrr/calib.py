@@ -14,15 +14,20 @@ plans at once with the same arithmetic and far less work (Skrr's search, SPEC §
 - candidate batching: at each position a module runs once on every tree node that needs it (and, when no
   bound is given, on several prompts at once);
 - early abandon: ∅ first, then the prompts one at a time; a plan whose partial error already exceeds
-  ``bound`` is dropped, since every remaining error term is >= 0 (D is a sum of non-negative terms);
+  ``bound`` is dropped, since every remaining error term is >= 0 (D is a sum of non-negative terms). For a
+  beam (``keep=k``) the bound comes from the plans themselves: after ∅, the 2k lowest are finished and the
+  k-th of their D bounds the rest, which then cannot enter the beam (Alg. 1) once past it;
 - padding: with ``token_mask`` the padded tail is cut (valid tokens give it zero attention weight and it is
   not scored); without it nothing is cut, because padded positions are scored and depend on the prompt.
 
-Memory/compute trade-off: nothing is cached across prompts or rounds. The tree lives for one prompt, so
-memory is (live plans + 1) hidden states of one prompt plus one module call of at most ``max_tokens``
-rows x tokens; the price is that each beam's trunk (<= 48 units) is recomputed per prompt per round, a few
-per cent of the candidates' suffixes. Caching beam states across rounds at paper scale would need
-~k x 48 x 1,000 x 300 x 4,096 bf16 values (~350 GB), which is why it is not done.
+Hidden states across calls (``PrefixStates``): a plan's hidden state at the input of every position, for
+every prompt and ∅. A plan that agrees with such a base on positions [0, p) starts at p from the stored state
+instead of from the embeddings: the Skip phase keeps one per beam (a candidate S ∪ {u} runs only the
+positions after u; the new beam S ∪ {u} is derived from S's states by recomputing positions >= u once), the
+Re-use phase one for the current plan. The price is memory: (positions + 1) x (prompts + 1) x tokens x d per
+base, ~10 MB for the tiny benchmark but ~120 GB per beam for T5-XXL on 1k prompts x 300 tokens, so callers
+keep bases only within a byte budget (``state_bytes`` tells the size) and otherwise fall back to the tree,
+which then recomputes each beam's trunk per prompt and round.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -145,8 +151,10 @@ class _Step:
 
 @dataclass
 class _Schedule:
-    """The plan tree of a set of plans, the same for every prompt: steps, and each plan's final row."""
+    """The plan tree of a set of plans, the same for every prompt: the starting state of each initial row
+    (None: the embeddings; (base, p): ``bases[base].states[p]``), steps, and each plan's final row."""
 
+    inits: list[tuple[int, int] | None]
     steps: list[_Step]
     leaves: list[int]
 
@@ -158,6 +166,27 @@ class ScoreStats:
     plans: int = 0  # plans asked for
     abandoned: int = 0  # plans given up once their partial error passed the bound
     token_evals: int = 0  # sum over module calls of rows x tokens (the FLOP proxy)
+
+
+@dataclass
+class PrefixStates:
+    """One plan's hidden states at the input of every position (``states[p]``, p = 0..positions; the last is
+    the stack's output before the final norm), for every calibration prompt in order and then ∅.
+
+    A plan equal to ``keys`` on positions [0, p) has exactly the state ``states[p]`` there. Positions that
+    the plan skips share the tensor of the position before (no copy); derived bases share their parent's
+    tensors up to where they differ.
+    """
+
+    keys: list[Any]
+    states: list[torch.Tensor]
+
+    def start(self, keys: Sequence[Any]) -> int:
+        """First position where a plan (by its slot keys) differs from this base: it may start there."""
+        for pos, (a, b) in enumerate(zip(self.keys, keys)):
+            if a != b:
+                return pos
+        return len(self.keys)
 
 
 class CalibrationSet:
@@ -192,6 +221,14 @@ class CalibrationSet:
         self.dense_null = (self.features(self.runner.forward(self.identity, self.null_batch.input_ids,
                                                              self.null_batch.attention_mask))
                            if null_prompt else None)
+        # Every prompt in order, then ∅: the rows of a PrefixStates.
+        every = self.batches + ([self.null_batch] if null_prompt else [])
+        self._row_ids = torch.cat([b.input_ids for b in every])
+        self._row_mask = torch.cat([b.attention_mask for b in every])
+        self._row_contexts: dict[int, list[tuple[slice, StackContext]]] = {}
+        # Slot keys as small integers for the plan tree (0 = skipped), and the module of each code.
+        self._codes: dict[Any, int] = {None: 0}
+        self._code_modules: list[nn.Module | None] = [None]
         self.stats = ScoreStats()
         # Mean error each prompt gave the plans of the last ``discrepancies`` call: the next call visits the
         # prompts that separate plans most first, so hopeless plans pass the bound sooner (work only, not D).
@@ -283,67 +320,145 @@ class CalibrationSet:
             d += self._mean_distance([null], [self.dense_null], [self.null_batch])
         return d
 
+    # ----------------------------------------------------------------- hidden states kept across calls
+    def state_bytes(self) -> int:
+        """Memory of one stored hidden state over every prompt and ∅ (a PrefixStates holds up to
+        positions + 1 of them)."""
+        width = self.encoder.get_input_embeddings().embedding_dim
+        return self._row_ids.numel() * width * torch.finfo(self.dtype).bits // 8
+
+    @torch.no_grad()
+    def prefix_states(self, plan: PruningPlan, parent: PrefixStates | None = None, *,
+                      max_tokens: int = MAX_TOKENS) -> PrefixStates:
+        """``plan``'s hidden state at the input of every position, for every prompt and ∅.
+
+        With ``parent`` (a base sharing a prefix with ``plan``) the states before the first differing
+        position are the parent's tensors and only the positions from there on are computed.
+        """
+        self.runner.check(plan)
+        keys = plan_keys(plan)
+        start = parent.start(keys) if parent is not None else 0
+        max_rows = max(1, max_tokens // self.max_length)
+        if parent is not None:
+            states = parent.states[:start + 1]
+        else:
+            states = [torch.cat([self.runner.prepare(self._row_ids[rows], self._row_mask[rows])[0]
+                                 for rows, _ in self._contexts(max_rows)])]
+        for pos in range(start, len(keys)):
+            h = states[-1]
+            if keys[pos] is not None:
+                module = self._code_modules[self._code(keys[pos])]
+                self.stats.token_evals += h.shape[0] * h.shape[1]
+                h = torch.cat([module(h[rows], ctx) for rows, ctx in self._contexts(max_rows)])
+            states.append(h)
+        return PrefixStates(keys, states)
+
+    def _contexts(self, max_rows: int) -> list[tuple[slice, StackContext]]:
+        """Row slices of at most ``max_rows`` prompts (∅ last) and their masks, built once per size."""
+        if max_rows not in self._row_contexts:
+            total = self._row_ids.shape[0]
+            self._row_contexts[max_rows] = [
+                (rows, self.runner.prepare(self._row_ids[rows], self._row_mask[rows])[1])
+                for rows in (slice(a, min(a + max_rows, total)) for a in range(0, total, max_rows))]
+        return self._row_contexts[max_rows]
+
     # ----------------------------------------------------------------- many plans at once (search)
     @torch.no_grad()
-    def discrepancies(self, plans: Sequence[PruningPlan], bound: float = math.inf, *, max_tokens: int = MAX_TOKENS,
+    def discrepancies(self, plans: Sequence[PruningPlan], bound: float = math.inf, *, keep: int | None = None,
+                      bases: Sequence[PrefixStates] = (), max_tokens: int = MAX_TOKENS,
                       progress: Callable[[int], None] | None = None) -> list[float | None]:
-        """D of every plan, as ``discrepancy`` computes it, or None for a plan whose D is proven > ``bound``.
+        """D of every plan, as ``discrepancy`` computes it, or None for a plan whose D is proven > ``bound``
+        or, with ``keep``, proven to exceed the D of ``keep`` other plans (it cannot be among the ``keep``
+        lowest: Alg. 1's beam).
 
         The exact speed-ups of the module docstring. Errors are summed per prompt and then exactly
         (``math.fsum``), as in ``discrepancy``, so the numbers agree to the last bit whenever a prompt's
         features do; BLAS may round a row differently when it is stacked with other rows (and with
         ``token_mask`` the input is shorter), so in general they agree up to float rounding.
-        ``progress(n)`` is called as plans finish; ``max_tokens`` caps rows x tokens per module call.
+        Each plan starts from the base in ``bases`` it shares the longest prefix with (from the embeddings
+        when none shares any). With ``keep``, every plan is first scored on ∅, the 2 x ``keep`` lowest there
+        are finished, and the ``keep``-th of their D bounds the others. ``progress(n)`` is called as plans
+        finish; ``max_tokens`` caps rows x tokens per module call.
         """
         for p in plans:
             if p.encoder != self.runner.signature or p.granularity != self.granularity:
                 self.runner.check(p)  # raises the one-line reason
         self.stats.plans += len(plans)
         n = len(plans)
-        keys = [[_slot_key(s) for s in p.slots] for p in plans]
+        codes, inits = [], []
+        # With token_mask the dense reference is recomputed on the cut input: the identity, last.
+        for p in list(plans) + ([self.identity] if self.token_mask else []):
+            own = plan_keys(p)
+            start, base = max(((b.start(own), -i) for i, b in enumerate(bases)), default=(0, 0))
+            # Positions before the start are already in the base's state: nothing runs there.
+            codes.append([0] * start + [self._code(k) for k in own[start:]])
+            inits.append((-base, start) if start else None)
+        code_matrix = np.array(codes, dtype=np.int64)
         sums_p: list[list[float]] = [[] for _ in range(n)]
         sums_n: list[list[float]] = [[] for _ in range(n)]
         count_p = self._total_count(self.batches)
         count_n = self._total_count([self.null_batch]) if self.null_prompt else 0
-        alive = list(range(n))
         done = [False] * n
         max_rows = max(1, max_tokens // self.max_length)
         seen: dict[int, float] = {}
-        schedule, scheduled = None, None
-        # Prompts share module calls up to max_tokens; with a bound, at most 1/32 of them at a time so that
-        # hopeless plans are still dropped early (one at a time below 64 prompts).
-        cap = len(self.prompts) if bound == math.inf else len(self.prompts) // 32
+        schedules: dict[tuple[int, ...], _Schedule] = {}
+        race = keep is not None and n > 2 * keep
 
-        def per_chunk() -> int:
-            return max(1, min(max_rows // (len(alive) + 1), cap))
-        for chunk in self._chunks(per_chunk):
-            if not alive:
-                break
-            if scheduled != alive:  # the tree depends on the plans only: rebuild it when some were dropped
-                extra = [_identity_keys(self.identity)] if self.token_mask else []
-                schedule, scheduled = self._schedule([keys[i] for i in alive] + extra), list(alive)
-            sums = self._run_tree(chunk, schedule, max_rows)  # [alive, prompts], float64
-            rows = sums.tolist()  # one device sync per chunk
+        def partial(i: int) -> float:
+            # Every error term is >= 0, so the partial sums bound the final D from below.
+            return _mean(sums_p[i], count_p) + _mean(sums_n[i], count_n)
+
+        def run(chunk: _Chunk, members: list[int]) -> None:
+            key = tuple(members)
+            if key not in schedules:  # the tree depends on the plans only: rebuild it when some were dropped
+                rows = members + ([n] if self.token_mask else [])
+                schedules[key] = self._schedule(code_matrix[rows], [inits[i] for i in rows])
+            sums = self._run_tree(chunk, schedules[key], max_rows, bases)  # [members, prompts], float64
             target = sums_n if chunk.null else sums_p
-            for i, row in zip(alive, rows):
+            for i, row in zip(members, sums.tolist()):  # one device sync per chunk
                 target[i] += row
             if not chunk.null:
                 seen.update(zip(chunk.indices, sums.mean(dim=0).tolist()))
+
+        def prune(members: list[int]) -> list[int]:
+            kept = [i for i in members if partial(i) <= bound]
+            if progress and len(kept) < len(members):
+                progress(len(members) - len(kept))
+            self.stats.abandoned += len(members) - len(kept)
+            for i in set(members) - set(kept):
+                done[i] = True
+            return kept
+
+        def per_chunk(members: list[int], bounded: bool) -> Callable[[], int]:
+            # Prompts share module calls up to max_tokens; with a bound, at most 1/32 of them at a time so
+            # that hopeless plans are still dropped early (one at a time below 64 prompts).
+            cap = len(self.prompts) // 32 if bounded else len(self.prompts)
+            return lambda: max(1, min(max_rows // (len(members) + 1), cap))
+
+        alive = list(range(n))
+        chunks = self._chunks(per_chunk(alive, bound < math.inf or race))
+        if race:
+            first = next(chunks)  # ∅: its error ranks the plans
+            run(first, alive)
+            ranked = sorted(alive, key=lambda i: (partial(i), i))
+            finish, alive[:] = ranked[:2 * keep], sorted(ranked[2 * keep:])
+            for chunk in self._chunks(per_chunk(finish, False), skip=first.indices):
+                run(chunk, finish)
+            bound = min(bound, sorted(partial(i) for i in finish)[keep - 1])
+            alive[:] = prune(alive)
+        for chunk in chunks:
+            if not alive:
+                break
+            run(chunk, alive)
             if bound < math.inf:
-                # Every error term is >= 0, so the partial sums bound the final D from below.
-                keep = [i for i in alive if _mean(sums_p[i], count_p) + _mean(sums_n[i], count_n) <= bound]
-                if progress and len(keep) < len(alive):
-                    progress(len(alive) - len(keep))
-                self.stats.abandoned += len(alive) - len(keep)
-                for i in set(alive) - set(keep):
-                    done[i] = True
-                alive = keep
+                alive[:] = prune(alive)
         for k, err in seen.items():
             self._prompt_error[k] = err
-        if progress and alive:
-            progress(len(alive))
+        finished = [i for i in range(n) if not done[i]]
+        if progress and finished:
+            progress(len(finished))
         # The same arithmetic as discrepancy(): exact sums of per-prompt sums, over all elements.
-        return [None if done[i] else _mean(sums_p[i], count_p) + _mean(sums_n[i], count_n) for i in range(n)]
+        return [None if done[i] else partial(i) for i in range(n)]
 
     def _total_count(self, batches: Sequence[Batch]) -> int:
         """Number of error elements over some batches (what the mean divides by)."""
@@ -352,17 +467,17 @@ class CalibrationSet:
             return sum(int(b.attention_mask.sum()) for b in batches) * width
         return sum(b.input_ids.numel() for b in batches) * width
 
-    def _chunks(self, size: Callable[[], int]) -> Iterator[_Chunk]:
+    def _chunks(self, size: Callable[[], int], skip: Sequence[int] = ()) -> Iterator[_Chunk]:
         """∅ first (its one term weighs as much as all prompts together), then the prompts, ``size()`` at a
         time, those that gave the largest errors last time first (so hopeless plans pass the bound sooner).
 
         A chunk of one prompt keeps every mask at batch size 1, so it broadcasts over the stacked tree nodes;
-        with several prompts the mask is repeated per node.
+        with several prompts the mask is repeated per node. ``skip``: prompt indices already scored (-1: ∅).
         """
-        if self.null_prompt:
+        if self.null_prompt and -1 not in skip:
             yield self._chunk([-1], self.null_batch.input_ids, self.null_batch.attention_mask, self.dense_null)
         where = [(b, i) for b, batch in enumerate(self.batches) for i in range(batch.input_ids.shape[0])]
-        order = sorted(range(len(where)), key=lambda k: (-self._prompt_error[k], k))
+        order = sorted((k for k in range(len(where)) if k not in skip), key=lambda k: (-self._prompt_error[k], k))
         start = 0
         while start < len(order):
             picked = order[start:start + size()]
@@ -381,39 +496,45 @@ class CalibrationSet:
         length = int(valid.max()) + 1 if valid.numel() else 1
         return _Chunk(indices, ids[:, :length], mask[:, :length], None)
 
-    def _schedule(self, keys: list[list[Any]]) -> _Schedule:
-        """The prefix tree of some plans (given by their slot keys): a node is a set of plans that agree on
-        every position so far and so share one hidden state (SPEC §2: reuse the hidden state of the shared
-        prefix); at each position a node splits by what its plans run there, a skip keeps the state as is,
-        and each module runs once on all nodes that need it (candidate batching).
+    def _schedule(self, codes: np.ndarray, inits: list[tuple[int, int] | None]) -> _Schedule:
+        """The prefix tree of some plans (slot codes [plans, positions] and starting states): a node is a set of
+        plans that start from the same state and agree on every position so far, and so share one hidden
+        state (SPEC §2: reuse the hidden state of the shared prefix); at each position a node splits by what
+        its plans run there, a skip keeps the state as is, and each module runs once on all nodes that need
+        it (candidate batching).
         """
-        groups = [list(range(len(keys)))]
+        starts = list(dict.fromkeys(inits))
+        node = np.array([starts.index(init) for init in inits], dtype=np.int64)  # each plan's node
+        nodes = len(starts)
+        skip = len(self._code_modules)  # sorts after every module
         steps = []
-        for pos in range(len(keys[0]) if keys else 0):
-            runs: dict[Any, list[tuple[int, list[int]]]] = {}
-            skips: list[tuple[int, list[int]]] = []
-            for row, members in enumerate(groups):
-                if len(members) == 1:
-                    parts = {keys[members[0]][pos]: members}
+        for column in codes.T:
+            if not column.any():  # every plan skips here (or has not started yet): nothing to do
+                continue
+            column = np.where(column == 0, skip, column)
+            # New nodes = distinct (what runs here, old node), ordered by module then old node, skips last:
+            # the order in which _run_tree concatenates the outputs of the step.
+            pairs, node = np.unique(column * nodes + node, return_inverse=True)
+            code, old = np.divmod(pairs, nodes)
+            runs, keep = [], None
+            for segment in np.split(np.arange(len(pairs)), np.flatnonzero(np.diff(code)) + 1):
+                rows = _rows(old[segment].tolist(), nodes, self.device)
+                if code[segment[0]] == skip:
+                    keep = rows
                 else:
-                    parts = {}
-                    for i in members:
-                        parts.setdefault(keys[i][pos], []).append(i)
-                for key, part in parts.items():
-                    (skips if key is None else runs.setdefault(key, [])).append((row, part))
-            device = self.device
-            step = _Step([(self._module(key), _rows([r for r, _ in items], len(groups), device))
-                          for key, items in runs.items()],
-                         _rows([r for r, _ in skips], len(groups), device) if skips else None)
-            groups = [part for items in runs.values() for _, part in items] + [part for _, part in skips]
-            steps.append(step)
-        leaf = {i: row for row, members in enumerate(groups) for i in members}
-        return _Schedule(steps, [leaf[i] for i in range(len(keys))])
+                    runs.append((self._code_modules[code[segment[0]]], rows))
+            steps.append(_Step(runs, keep))
+            nodes = len(pairs)
+        return _Schedule(starts, steps, node.tolist())
 
-    def _module(self, key: Any) -> nn.Module:
-        return self.runner.module_for(Slot(key[0], key[1], key[2]))
+    def _code(self, key: Any) -> int:
+        if key not in self._codes:
+            self._codes[key] = len(self._code_modules)
+            self._code_modules.append(self.runner.module_for(Slot(key[0], key[1], key[2])))
+        return self._codes[key]
 
-    def _run_tree(self, chunk: _Chunk, schedule: _Schedule, max_rows: int) -> torch.Tensor:
+    def _run_tree(self, chunk: _Chunk, schedule: _Schedule, max_rows: int,
+                  bases: Sequence[PrefixStates]) -> torch.Tensor:
         """Error sums [plans, prompts] (float64) of the scheduled plans on one chunk.
 
         The hidden state holds one block of the chunk's prompts per tree node, node-major.
@@ -421,6 +542,12 @@ class CalibrationSet:
         runner = self.runner
         h, ctx = runner.prepare(chunk.input_ids, chunk.attention_mask)
         prompts, length = h.shape[0], h.shape[1]
+        if schedule.inits != [None]:
+            # The chunk's rows of each stored state (∅ is the last row; token_mask: the cut length).
+            rows = torch.tensor([self._row_ids.shape[0] - 1 if k < 0 else k for k in chunk.indices],
+                                device=h.device)
+            h = torch.cat([h if init is None else bases[init[0]].states[init[1]].index_select(0, rows)[:, :length]
+                           for init in schedule.inits])
         per_call = max(1, max_rows // prompts)  # nodes per module call
         contexts: dict[int, StackContext] = {}
 
@@ -466,7 +593,8 @@ def _mean(sums: list[float], count: int) -> float:
     return math.fsum(sums) / count if count else 0.0
 
 
-def _identity_keys(plan: PruningPlan) -> list[Any]:
+def plan_keys(plan: PruningPlan) -> list[Any]:
+    """What runs at each position of a plan, hashable (None = skipped): plans agree where their keys do."""
     return [_slot_key(s) for s in plan.slots]
 
 

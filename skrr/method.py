@@ -11,7 +11,8 @@ Re-use: for each skipped unit i, try running the nearest kept unit of the same t
 at i; keep a change only if it strictly lowers D. No parameters are added.
 
 ``prefix_cache=True`` scores candidates with ``CalibrationSet.discrepancies`` (shared prefixes, batched
-candidates, early abandon of candidates that provably cannot enter the beam); ``False`` calls
+candidates, early abandon of candidates that provably cannot enter the beam) and, within
+``state_cache_gib``, keeps each beam's hidden states across rounds (``PrefixStates``); ``False`` calls
 ``discrepancy`` once per candidate. Both give the same plans and scores (tests/test_skrr.py,
 scripts/bench_search.py).
 """
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from skrr.calib import MAX_TOKENS
+from skrr.calib import MAX_TOKENS, PrefixStates, plan_keys
 from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, describe_order,
                             prefix_plan)
 from skrr.plan import PlanError, PruningPlan, Slot, block_plan_to_units, part_of
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REUSE_ORDERS = ("ascending", "skip")
+# Memory for hidden states kept across rounds (beam states, SPEC §2 "reuse the hidden state of the shared
+# prefix"): ample for the tiny pipelines; T5-XXL needs ~120 GB per beam on 1k prompts, so there the budget
+# is the user's call (method.state_cache_gib) and the search recomputes each beam's trunk otherwise.
+STATE_CACHE_GIB = 4.0
 
 
 @dataclass(frozen=True)
@@ -79,16 +84,22 @@ class SkipResult:
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def _scorer(calib: "CalibrationSet", prefix_cache: bool, max_tokens: int,
-            bar: Any) -> Callable[[Sequence[PruningPlan], float], list[float | None]]:
-    """``score(plans, bound)``: exact D per plan, or None where D > bound is proven (prefix cache only)."""
+Scorer = Callable[[Sequence[PruningPlan], float, Sequence[PrefixStates], int | None], list[float | None]]
+
+
+def _scorer(calib: "CalibrationSet", prefix_cache: bool, max_tokens: int, bar: Any) -> Scorer:
+    """``score(plans, bound, bases, keep)``: exact D per plan, or None where D > bound, or D above ``keep``
+    other plans', is proven (prefix cache only); plans start from the stored states in ``bases`` they share
+    a prefix with."""
     def tick(n: int) -> None:
         if bar is not None:
             bar.update(n)
 
-    def score(plans: Sequence[PruningPlan], bound: float = math.inf) -> list[float | None]:
+    def score(plans: Sequence[PruningPlan], bound: float = math.inf, bases: Sequence[PrefixStates] = (),
+              keep: int | None = None) -> list[float | None]:
         if prefix_cache:
-            return calib.discrepancies(plans, bound, max_tokens=max_tokens, progress=tick)
+            return calib.discrepancies(plans, bound, keep=keep, bases=bases, max_tokens=max_tokens,
+                                       progress=tick)
         out: list[float | None] = []
         for p in plans:
             out.append(calib.discrepancy(p))
@@ -100,11 +111,13 @@ def _scorer(calib: "CalibrationSet", prefix_cache: bool, max_tokens: int,
 
 # ----------------------------------------------------------------------------------------------- Skip phase
 def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 3, max_rounds: int | None = None,
-               prefix_cache: bool = True, progress: bool = True, max_tokens: int = MAX_TOKENS) -> SkipResult:
+               prefix_cache: bool = True, progress: bool = True, max_tokens: int = MAX_TOKENS,
+               state_cache_gib: float = STATE_CACHE_GIB) -> SkipResult:
     """Beam search over skipped units (Alg. 1) until the best beam reaches ``stop_sparsity``.
 
     With ``max_rounds`` the search runs exactly that many rounds instead (the paper ran 24), capped at the
     number of units. Candidates whose set was already expanded from another beam are merged (same plan).
+    With the prefix cache, each beam's hidden states are kept while they fit in ``state_cache_gib``.
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
@@ -119,10 +132,9 @@ def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 
     sig = calib.runner.signature
     result = SkipResult()
     beams = [Beam((), 0.0)]  # D(dense) = 0
-    # Last seen increase of D when unit u joins a beam: ranks candidates so that the likely best are scored
-    # first and bound the rest (prefix cache only; it decides how much work is done, never the result).
-    delta: dict[int, float] = {}
     outer = tqdm(total=rounds_cap, desc="skrr skip", unit="round", disable=not progress, leave=False)
+    kept = _StateBudget(calib, state_cache_gib if prefix_cache else 0.0, max_tokens)
+    held: dict[tuple[int, ...], PrefixStates] = {}
 
     def reached(beam: Beam) -> bool:
         return sum(sizes[i] for i in beam.order) / total >= stop_sparsity - SPARSITY_TOLERANCE
@@ -130,34 +142,24 @@ def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 
     while len(result.rounds) < rounds_cap and (max_rounds is not None or not reached(beams[0])):
         start = time.perf_counter()
         # Expand every beam by every unit it does not skip; one candidate per set (Alg. 1, merged).
-        cands: dict[frozenset[int], tuple[tuple[int, ...], float]] = {}
+        cands: dict[frozenset[int], tuple[int, ...]] = {}
         for beam in beams:
             skipped = set(beam.order)
             for u in range(n):
-                if u in skipped:
-                    continue
-                order = beam.order + (u,)
-                guess = beam.score + delta.get(u, 0.0)
-                key = frozenset(order)
-                if key not in cands:
-                    cands[key] = (order, guess)
-                else:
-                    old, old_guess = cands[key]
-                    cands[key] = (min(old, order), min(old_guess, guess))
-        orders = [o for o, _ in cands.values()]
+                if u not in skipped:
+                    order = beam.order + (u,)
+                    key = frozenset(order)
+                    cands[key] = min(cands.get(key, order), order)
+        orders = list(cands.values())
         plans = [PruningPlan.from_skips(sig, o, gran, "skrr") for o in orders]
+        # Each beam's states, derived from its parent's (the beam of the last round it extends).
+        held = kept.derive({b.order: PruningPlan.from_skips(sig, b.order, gran, "skrr") for b in beams},
+                           held, parent_of=lambda order: order[:-1])
         bar = tqdm(total=len(plans), desc=f"round {len(result.rounds) + 1}", unit="cand",
                    disable=not progress, leave=False)
-        scores, bound = _score_round(_scorer(calib, prefix_cache, max_tokens, bar), plans,
-                                     [g for _, g in cands.values()], beam_width, use_bound=prefix_cache and bool(delta))
+        # None: proven worse than beam_width other candidates, so it cannot be kept (prefix cache only).
+        scores = _scorer(calib, prefix_cache, max_tokens, bar)(plans, math.inf, list(held.values()), beam_width)
         bar.close()
-        parent = {b.order: b.score for b in beams}
-        seen: dict[int, float] = {}
-        for o, d in zip(orders, scores):
-            # An abandoned candidate is known only to lie above the bound.
-            step = d - parent[o[:-1]] if d is not None else max(delta.get(o[-1], 0.0), bound - parent[o[:-1]])
-            seen[o[-1]] = min(seen.get(o[-1], math.inf), step)
-        delta.update(seen)
         ranked = sorted((Beam(o, d) for o, d in zip(orders, scores) if d is not None),
                         key=lambda b: (b.score, b.order))
         beams = ranked[:beam_width]
@@ -172,36 +174,51 @@ def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 
     return result
 
 
-def _score_round(score: Callable[[Sequence[PruningPlan], float], list[float | None]], plans: list[PruningPlan],
-                 guesses: list[float], k: int, use_bound: bool) -> tuple[list[float | None], float]:
-    """Scores of one round's candidates (None only for candidates proven worse than k others), and the bound.
+class _StateBudget:
+    """Keeps ``PrefixStates`` for the plans a phase builds on, while they fit in ``gib``."""
 
-    With the bound: first score the 2k candidates ranked best by ``guesses``, take the k-th lowest of those
-    as the bound, then score the rest, abandoning any whose partial error passes the bound (k candidates
-    are then strictly below it, so it cannot be kept, Alg. 1).
-    """
-    if not use_bound or len(plans) <= 2 * k:
-        return score(plans, math.inf), math.inf
-    rank = sorted(range(len(plans)), key=lambda i: (guesses[i], i))
-    seeds, rest = rank[:2 * k], rank[2 * k:]
-    out: list[float | None] = [None] * len(plans)
-    for i, d in zip(seeds, score([plans[i] for i in seeds], math.inf)):
-        out[i] = d
-    bound = sorted(out[i] for i in seeds)[k - 1]
-    for i, d in zip(rest, score([plans[i] for i in rest], bound)):
-        out[i] = d
-    return out, bound
+    def __init__(self, calib: "CalibrationSet", gib: float, max_tokens: int):
+        self.calib = calib
+        self.limit = int(gib * 2 ** 30)
+        self.max_tokens = max_tokens
+        self.per_state = calib.state_bytes()
+        self.positions = calib.identity.num_positions
+        self.over = False  # logged once
+
+    def derive(self, plans: dict[Any, PruningPlan], held: dict[Any, PrefixStates],
+               parent_of: Callable[[Any], Any]) -> dict[Any, PrefixStates]:
+        """States for ``plans`` (by key), each derived from ``held[parent_of(key)]`` where held; {} when the
+        old and new states together would pass the budget (the scorer then recomputes prefixes)."""
+        if self.limit <= 0:
+            return {}
+        old = len({id(t) for s in held.values() for t in s.states})
+        new = 0
+        for key, plan in plans.items():
+            parent = held.get(parent_of(key))
+            new += self.positions + 1 - (parent.start(plan_keys(plan)) if parent else 0)
+        if (old + new) * self.per_state > self.limit:
+            if not self.over:
+                log.info("skrr: %.2f GiB of hidden states would pass state_cache_gib=%.2f; recomputing prefixes "
+                         "instead (same plan, more work)", (old + new) * self.per_state / 2 ** 30,
+                         self.limit / 2 ** 30)
+            self.over = True
+            return {}
+        return {key: self.calib.prefix_states(plan, held.get(parent_of(key)), max_tokens=self.max_tokens)
+                for key, plan in plans.items()}
 
 
 # ----------------------------------------------------------------------------------------------- Re-use phase
 def reuse_phase(calib: "CalibrationSet", plan: PruningPlan, order: str = "ascending", *, prefix_cache: bool = True,
-                progress: bool = False, max_tokens: int = MAX_TOKENS) -> PruningPlan:
+                progress: bool = False, max_tokens: int = MAX_TOKENS,
+                state_cache_gib: float = STATE_CACHE_GIB) -> PruningPlan:
     """Alg. 2: let each skipped position run its nearest kept unit of the same type when that strictly lowers D.
 
     Works on any method's skip plan (App. C.4): unit plans (same type = attn/ffn) and block plans (any kept
     block); a block plan is scored on a unit-granularity calibration set through its unit form. ``order`` is
     ``ascending`` (unit index) or ``skip`` (the order the units were removed, ``plan.meta['order']``).
-    Returns the plan with the changes and ``meta['reuse']`` (D before/after and each decision).
+    Returns the plan with the changes and ``meta['reuse']`` (D before/after and each decision). With the
+    prefix cache, the current plan's hidden states are kept (within ``state_cache_gib``) so that a variant
+    at position i runs only the positions from i on.
     """
     if order not in REUSE_ORDERS:
         raise ValueError(f"reuse_order must be one of {REUSE_ORDERS}, got {order!r}")
@@ -224,8 +241,10 @@ def reuse_phase(calib: "CalibrationSet", plan: PruningPlan, order: str = "ascend
     kept = [j for j, s in enumerate(plan.slots) if s is not None and s.source == j and not s.merged_from]
     bar = tqdm(total=1 + 2 * len(sequence), desc="skrr reuse", unit="cand", disable=not progress, leave=False)
     score = _scorer(calib, prefix_cache, max_tokens, bar)
+    budget = _StateBudget(calib, state_cache_gib if prefix_cache else 0.0, max_tokens)
     current = plan
-    d_current = score([to_calib(current)], math.inf)[0]
+    held = budget.derive({"current": to_calib(current)}, {}, parent_of=lambda key: key)
+    d_current = score([to_calib(current)], math.inf, list(held.values()))[0]
     d_before = d_current
     steps = []
     for i in sequence:
@@ -236,7 +255,8 @@ def reuse_phase(calib: "CalibrationSet", plan: PruningPlan, order: str = "ascend
         options = {side: current.with_slots({i: Slot(j, kind)}) for side, j in (("left", left), ("right", right))
                    if j is not None}
         # A variant only matters if it beats the current D, so that is the bound (None = proven above it).
-        found = dict(zip(options, score([to_calib(p) for p in options.values()], d_current))) if options else {}
+        found = (dict(zip(options, score([to_calib(p) for p in options.values()], d_current, list(held.values()))))
+                 if options else {})
         d_left = found.get("left")
         d_right = found.get("right")
         dl = math.inf if d_left is None else d_left
@@ -250,6 +270,7 @@ def reuse_phase(calib: "CalibrationSet", plan: PruningPlan, order: str = "ascend
                       "d_right": d_right, "choice": choice})
         if choice != "skip":
             current = options[choice]
+            held = budget.derive({"current": to_calib(current)}, held, parent_of=lambda key: key)
             d_current = dl if choice == "left" else dr
             log.info("skrr reuse: %d -> %d (D %.6g)", i, left if choice == "left" else right, d_current)
         bar.update(2 - len(options))
@@ -275,7 +296,7 @@ class Skrr(PruningMethod):
 
     def __init__(self, beam_width: int = 3, reuse: bool = True, reuse_order: str = "ascending",
                  prefix_cache: bool = True, max_rounds: int | None = None, progress: bool = True,
-                 max_tokens: int = MAX_TOKENS):
+                 max_tokens: int = MAX_TOKENS, state_cache_gib: float = STATE_CACHE_GIB):
         if reuse_order not in REUSE_ORDERS:
             raise ValueError(f"reuse_order must be one of {REUSE_ORDERS}, got {reuse_order!r}")
         if int(beam_width) < 1:
@@ -288,9 +309,11 @@ class Skrr(PruningMethod):
         self.prefix_cache = bool(prefix_cache)
         self.progress = bool(progress)
         self.max_tokens = int(max_tokens)
+        self.state_cache_gib = float(state_cache_gib)
 
     def settings(self) -> dict[str, Any]:
-        """What changes the plan (the plan cache key): not prefix_cache, progress or max_tokens."""
+        """What changes the plan (the plan cache key): not prefix_cache, progress, max_tokens or
+        state_cache_gib."""
         return {"beam_width": self.beam_width, "reuse": self.reuse, "reuse_order": self.reuse_order,
                 "max_rounds": self.max_rounds}
 
@@ -307,7 +330,7 @@ class Skrr(PruningMethod):
             log.info("skrr: %s encoders have no exact sub-block removal; searching %ss", calib.runner.family.name,
                      calib.granularity)
         skip = skip_phase(calib, max(targets), self.beam_width, self.max_rounds, self.prefix_cache, self.progress,
-                          self.max_tokens)
+                          self.max_tokens, self.state_cache_gib)
         meta = {"settings": self.settings(), "beam_width": self.beam_width, "calib": calib.settings(),
                 "search": skip.to_meta()}
         plans: dict[float, PruningPlan] = {}
@@ -315,7 +338,8 @@ class Skrr(PruningMethod):
             plan = prefix_plan(calib.encoder, skip.order, s, calib.granularity, self.name, meta)
             if self.reuse:
                 plan = reuse_phase(calib, plan, self.reuse_order, prefix_cache=self.prefix_cache,
-                                   progress=self.progress, max_tokens=self.max_tokens)
+                                   progress=self.progress, max_tokens=self.max_tokens,
+                                   state_cache_gib=self.state_cache_gib)
             plans[float(s)] = plan
             log.info("skrr: target %.4f -> %s", s, plan.summary())
         return plans

@@ -197,3 +197,59 @@ def test_fast_path_does_less_work(tokenizer):
     calib.discrepancies(plans)
     # Sharing prefixes: the dense trunk once + each candidate's suffix, about half of the full passes.
     assert calib.stats.token_evals < 0.7 * slow
+
+
+# ----------------------------------------------------------------------------------------------- stored states
+def test_prefix_states_are_the_plan_hidden_states(tokenizer):
+    calib = make_calib(tokenizer)
+    n = calib.identity.num_positions
+    skip = calib.identity.with_slots({1: None, 4: None})
+    states = calib.prefix_states(skip)
+    assert len(states.states) == n + 1 and states.states[0].shape[0] == len(PROMPTS[:5]) + 1  # prompts + ∅
+    # The last state, finished, is the plan's output on every prompt and on ∅.
+    out = calib.runner.finish(states.states[n])
+    ids = torch.cat([b.input_ids for b in calib.batches] + [calib.null_batch.input_ids])
+    mask = torch.cat([b.attention_mask for b in calib.batches] + [calib.null_batch.attention_mask])
+    assert torch.allclose(out, calib.runner.forward(skip, ids, mask), atol=1e-6)
+    # A skipped position passes its input on: the same tensor, no copy.
+    assert states.states[2] is states.states[1] and states.states[5] is states.states[4]
+    # Derived from a parent: the shared prefix is the parent's tensors, the rest is recomputed and equal.
+    reuse = skip.with_slots({4: Slot(2, "attn")})
+    derived = calib.prefix_states(reuse, states)
+    assert states.start(derived.keys) == 4
+    assert all(derived.states[p] is states.states[p] for p in range(5))
+    fresh = calib.prefix_states(reuse)
+    assert all(torch.equal(a, b) for a, b in zip(derived.states, fresh.states))
+
+
+@pytest.mark.parametrize("kw", [{}, {"token_mask": True, "max_length": 96}, {"null_prompt": False}])
+def test_discrepancies_from_stored_states(tokenizer, kw):
+    calib = make_calib(tokenizer, **kw)
+    plans = random_plans(calib, n=16, seed=2)
+    bases = [calib.prefix_states(calib.identity), calib.prefix_states(calib.identity.with_slots({1: None}))]
+    calib.stats.token_evals = 0
+    plain = calib.discrepancies(plans)
+    without = calib.stats.token_evals
+    calib.stats.token_evals = 0
+    stored = calib.discrepancies(plans, bases=bases)
+    assert calib.stats.token_evals < 0.8 * without  # the stored prefixes are not run again
+    assert stored == pytest.approx(plain, rel=1e-5, abs=1e-12)
+    assert stored == pytest.approx([calib.discrepancy(p) for p in plans], rel=1e-5, abs=1e-12)
+    # A plan equal to a base runs no unit (with token_mask neither does the dense reference on the cut input).
+    calib.stats.token_evals = 0
+    assert calib.discrepancies([calib.identity], bases=bases)[0] < 1e-12
+    assert calib.stats.token_evals == 0
+
+
+def test_keep_returns_the_lowest_and_drops_only_plans_above_them(tokenizer):
+    calib = make_calib(tokenizer, prompts=PROMPTS[:6], max_length=24)
+    plans = random_plans(calib, n=24, seed=3)
+    full = calib.discrepancies(plans)
+    before = calib.stats.abandoned
+    kept = calib.discrepancies(plans, keep=3)
+    assert calib.stats.abandoned - before == sum(v is None for v in kept) > 0
+    third = sorted(full)[2]
+    for d, k in zip(full, kept):
+        # Dropped: above 3 others. Returned: the same D, and every plan among the 3 lowest is returned.
+        assert (k is None and d > third) or k == pytest.approx(d, rel=1e-12)
+    assert sorted(v for v in kept if v is not None)[:3] == pytest.approx(sorted(full)[:3], rel=1e-12)

@@ -1,5 +1,6 @@
 """Skrr: Skip phase = Alg. 1 (beam search), Re-use phase = Alg. 2, the fast path changes nothing (SPEC §2-§3)."""
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -144,11 +145,12 @@ CONFIGS = [{}, {"token_mask": True, "max_length": 64}, {"metric": "cosine"},
            {"metric": "cosine", "token_mask": True, "max_length": 64}, {"null_prompt": False, "projection": False}]
 
 
+@pytest.mark.parametrize("gib", [4.0, 0.0])  # beam states kept across rounds, or recomputed each round
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_prefix_cache_gives_the_same_plans(tokenizer, kw):
+def test_prefix_cache_gives_the_same_plans(tokenizer, kw, gib):
     calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=4), **kw)
     targets = [0.2, 0.45]
-    fast = skrr(prefix_cache=True, max_tokens=4 * calib.max_length).search_many(calib, targets)
+    fast = skrr(prefix_cache=True, max_tokens=4 * calib.max_length, state_cache_gib=gib).search_many(calib, targets)
     slow = skrr(prefix_cache=False).search_many(calib, targets)
     for s in targets:
         assert fast[s] == slow[s], (fast[s].summary(), slow[s].summary())
@@ -159,6 +161,20 @@ def test_prefix_cache_gives_the_same_plans(tokenizer, kw):
         assert a["search"]["round_best"] == pytest.approx(b["search"]["round_best"], rel=1e-5, abs=1e-12)
         assert a["reuse"]["d_after"] == pytest.approx(b["reuse"]["d_after"], rel=1e-5, abs=1e-12)
         assert [x["choice"] for x in a["reuse"]["steps"]] == [x["choice"] for x in b["reuse"]["steps"]]
+
+
+def test_beam_states_save_work_and_fall_back_beyond_their_budget(tokenizer, caplog):
+    calib = make_calib(tokenizer, tiny_t5(num_layers=6, seed=6), num_prompts=4)
+    work, plans = {}, {}
+    for gib in (4.0, 0.0, calib.state_bytes() / 2 ** 30):  # the last fits one hidden state, not a beam's
+        calib.stats = type(calib.stats)()
+        with caplog.at_level(logging.INFO, logger="skrr.method"):
+            plans[gib] = skrr(state_cache_gib=gib).search(calib, 0.4)
+        work[gib] = calib.stats.token_evals
+    assert plans[4.0] == plans[0.0] == plans[calib.state_bytes() / 2 ** 30]
+    assert work[4.0] < 0.8 * work[0.0]  # each beam's trunk is not recomputed every round
+    assert work[calib.state_bytes() / 2 ** 30] == work[0.0]
+    assert "would pass state_cache_gib" in caplog.text
 
 
 def test_search_is_deterministic_and_serves_every_sparsity(tokenizer):
@@ -280,10 +296,32 @@ def test_config_instantiates_the_paper_defaults():
 def test_bench_refuses_paper_scale_without_gpu(capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    bench = load_bench(monkeypatch)
+    assert bench.main(["--paper-scale"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "GPU" in err and "\n" not in err
+
+
+def load_bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_search", ROOT / "scripts" / "bench_search.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_search", bench)
     spec.loader.exec_module(bench)
-    assert bench.main(["--paper-scale"]) != 0
-    err = capsys.readouterr().err.strip()
-    assert "GPU" in err and "\n" not in err
+    return bench
+
+
+def test_bench_compares_both_searches(capsys, monkeypatch):
+    bench = load_bench(monkeypatch)
+    assert bench.main(["--layers", "3", "--prompts", "2", "--max-length", "16", "--sparsity", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "identical plans" in out and "speed-up:" in out
+
+
+def test_bench_paper_scale_path_runs_on_small_shapes(capsys, monkeypatch):
+    # The GPU estimate's code path, on CPU with tiny shapes (the real run needs T5-XXL on a GPU).
+    bench = load_bench(monkeypatch)
+    args = bench.parse_args(["--paper-scale", "--prompts", "2", "--max-length", "16", "--naive-evals", "1"])
+    arch = {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 3, "vocab_size": 100}
+    assert bench.paper_scale(args, arch, device="cpu") == 0
+    out = capsys.readouterr().out
+    assert "round 2:" in out and "estimated 1k prompts" in out and "kept across rounds" in out

@@ -27,7 +27,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 from skrr.calib import DEFAULT_PROMPTS, MAX_TOKENS, CalibrationSet, ScoreStats, load_prompts  # noqa: E402
-from skrr.method import Skrr, skip_phase  # noqa: E402
+from skrr.method import STATE_CACHE_GIB, Skrr, skip_phase  # noqa: E402
 
 log = logging.getLogger("bench_search")
 
@@ -51,6 +51,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-mask", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a shared box)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="rows x tokens per module call")
+    p.add_argument("--state-cache-gib", type=float, default=STATE_CACHE_GIB,
+                   help="memory for beam hidden states kept across rounds (0: recompute each beam's prefix)")
     p.add_argument("--rounds", type=int, default=2, help="paper-scale: Skip rounds to time")
     p.add_argument("--naive-evals", type=int, default=3, help="paper-scale: straightforward evaluations to time")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
@@ -87,11 +89,12 @@ def compare(args: argparse.Namespace) -> int:
           f"unit spread {args.spread} decades; "
           f"{len(calib.prompts)} prompts + null, {args.max_length} tokens; metric {args.metric}, "
           f"token_mask {args.token_mask}; k={args.beam_width}; targets {args.sparsity}; "
-          f"torch threads {args.threads}")
+          f"torch threads {args.threads}; beam states kept up to {args.state_cache_gib} GiB "
+          f"({calib.state_bytes() * (2 * args.layers + 1) / 2 ** 20:.1f} MiB per beam)")
     runs: dict[bool, dict[str, Any]] = {}
     for cached in (False, True):
         method = Skrr(beam_width=args.beam_width, reuse=not args.no_reuse, prefix_cache=cached,
-                      progress=args.progress, max_tokens=args.max_tokens)
+                      progress=args.progress, max_tokens=args.max_tokens, state_cache_gib=args.state_cache_gib)
         calib.stats = ScoreStats()
         start = time.perf_counter()
         plans = method.search_many(calib, args.sparsity)
@@ -109,8 +112,9 @@ def compare(args: argparse.Namespace) -> int:
         if "reuse" in a.meta:
             _require(math.isclose(a.meta["reuse"]["d_after"], b.meta["reuse"]["d_after"], rel_tol=1e-5),
                      f"re-use D differs at {s}")
-        print(f"target {s}: identical plans -> {a.summary()}; D per round equal: "
-              f"{sa['round_best'] == sb['round_best']} (rounds {sa['rounds']})")
+        gap = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(sa["round_best"], sb["round_best"]))
+        same = "identical" if gap == 0 else f"equal to {gap:.1e} relative (float rounding)"
+        print(f"target {s}: identical plans -> {a.summary()}; best D of each of {sa['rounds']} rounds: {same}")
     naive, fast = runs[False], runs[True]
     print(f"speed-up: {naive['seconds'] / fast['seconds']:.1f}x wall clock, "
           f"{naive['tokens'] / max(fast['tokens'], 1):.1f}x fewer token-evals")
@@ -190,8 +194,15 @@ def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, de
     print(f"straightforward: {naive_eval:.2f} s per candidate ({args.prompts} prompts); 1k prompts, k={k}, "
           f"{rounds} rounds = {naive_count} candidates: {naive_eval * scale * naive_count / 3600:.2f} h")
     # Prefix-cached: time the first rounds (round 1 has no bound; later rounds abandon hopeless candidates).
+    # Beam states kept across rounds: old and new beams, (units + 1) states each. The estimate is for 1k
+    # prompts, so time them only if they would fit at 1k prompts too.
+    per_beam = calib.state_bytes() * (n_units + 1) / 2 ** 30
+    need_1k = 2 * k * per_beam * 1000 / args.prompts
+    gib = args.state_cache_gib if need_1k <= args.state_cache_gib else 0.0
+    print(f"beam hidden states: {per_beam:.2f} GiB per beam here, {2 * k} beams at 1k prompts need {need_1k:.0f} "
+          f"GiB: {'kept across rounds' if gib else 'not kept (over --state-cache-gib)'}")
     result = skip_phase(calib, 0.0, k, max_rounds=args.rounds, prefix_cache=True, progress=args.progress,
-                        max_tokens=args.max_tokens)
+                        max_tokens=args.max_tokens, state_cache_gib=gib)
     for r, (sec, cands) in enumerate(zip(result.round_seconds, result.candidates), start=1):
         print(f"round {r}: {sec:.1f} s for {cands} candidates x {args.prompts} prompts "
               f"({sec / cands:.3f} s per candidate; straightforward {naive_eval:.3f} s)"

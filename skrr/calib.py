@@ -438,7 +438,7 @@ class CalibrationSet:
         alive = list(range(n))
         chunks = self._chunks(per_chunk(alive, bound < math.inf or race))
         if race:
-            first = next(chunks)  # ∅: its error ranks the plans
+            first = next(chunks)  # ∅ (or the first prompts without it): its error ranks the plans
             run(first, alive)
             ranked = sorted(alive, key=lambda i: (partial(i), i))
             finish, alive[:] = ranked[:2 * keep], sorted(ranked[2 * keep:])

@@ -193,7 +193,8 @@ def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, de
     naive_count = n_units + k * sum(n_units - s for s in range(1, rounds))  # SPEC §2: 2,532 for T5-XXL, k=3
     print(f"straightforward: {naive_eval:.2f} s per candidate ({args.prompts} prompts); 1k prompts, k={k}, "
           f"{rounds} rounds = {naive_count} candidates: {naive_eval * scale * naive_count / 3600:.2f} h")
-    # Prefix-cached: time the first rounds (round 1 has no bound; later rounds abandon hopeless candidates).
+    # Prefix-cached: time the first rounds (each round finishes its 2k best on ∅ first and abandons the rest
+    # once they are proven worse than k of them).
     # Beam states kept across rounds: old and new beams, (units + 1) states each. The estimate is for 1k
     # prompts, so time them only if they would fit at 1k prompts too.
     per_beam = calib.state_bytes() * (n_units + 1) / 2 ** 30

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
     from skrr.interface import PruningMethod
 
-__all__ = ["base_meta", "check_reuse_order", "prefix_plans", "prune_encoder", "with_reuse"]
+__all__ = ["base_meta", "changes_encoder", "check_reuse_order", "prefix_plans", "prune_encoder", "with_reuse"]
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +62,11 @@ def check_reuse_order(order: str) -> str:
     if order not in REUSE_ORDERS:
         raise ValueError(f"reuse_order must be one of {REUSE_ORDERS}, got {order!r}")
     return order
+
+
+def changes_encoder(plan: PruningPlan) -> bool:
+    """Whether ``prune_encoder`` changes anything: a non-identity plan, or a magnitude plan (identity slots)."""
+    return not plan.is_identity or "magnitude" in plan.meta
 
 
 def prune_encoder(encoder: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:

@@ -78,6 +78,11 @@ def metric_specs(cfg_eval: Any) -> dict[str, dict[str, Any]]:
     return specs
 
 
+def prompt_set_name(key: str, spec: Mapping[str, Any]) -> str:
+    """The prompt set (and image folder) of metric ``key``: ``prompts.name``, else the key itself."""
+    return spec.get("prompts", {}).get("name") or key
+
+
 def prompt_sets(cfg_eval: Any) -> dict[str, dict[str, Any]]:
     """Prompt-set specs the selected metrics need, by name; metrics sharing a name must agree on it."""
     sets: dict[str, dict[str, Any]] = {}
@@ -86,7 +91,7 @@ def prompt_sets(cfg_eval: Any) -> dict[str, dict[str, Any]]:
         if "prompts" not in spec:
             continue
         ps = spec["prompts"]
-        name = ps.get("name") or key
+        name = prompt_set_name(key, spec)
         if name in sets and sets[name] != ps:
             raise EvalError(f"prompt set {name!r} is defined differently by eval.{first[name]} and eval.{key}; "
                             f"make them equal or give one another prompts.name")
@@ -129,7 +134,7 @@ def score_one(key: str, spec: dict[str, Any], images_root: Path, dense_root: Pat
               context: ScoreContext) -> dict[str, Any]:
     """Compute one metric; returns the fields of its JSON that depend on the metric."""
     kind = spec["metric"]
-    name = spec.get("prompts", {}).get("name") or key
+    name = prompt_set_name(key, spec)
     images = images_root / name
     if kind == "cost":
         from eval.efficiency import measure_cost
@@ -193,7 +198,7 @@ def score_all(cfg_eval: Any, images_root: str | Path, dense_images_root: str | P
             continue
         start = time.perf_counter()
         fields = score_one(key, spec, images_root, dense_root, context)
-        gen = images_root / (spec.get("prompts", {}).get("name") or key) / "generation.json"
+        gen = images_root / prompt_set_name(key, spec) / "generation.json"
         record = {"metric": key, "kind": spec["metric"], **fields,
                   "prompt_set": json.loads(gen.read_text())["prompt_set"] if gen.is_file() else None,
                   "target_sparsity": context.target_sparsity, "realized_sparsity": context.realized_sparsity,

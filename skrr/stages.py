@@ -54,10 +54,10 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSp
 
 def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device) -> Any:
     """The pipeline with its T5 (or tiny) text encoder replaced by the plan's physically smaller one."""
-    from baselines import prune_encoder  # skip/re-use/merge plans via apply_plan; magnitude zeroes weights
+    from baselines import changes_encoder, prune_encoder  # apply_plan, or magnitude's zeroed weights
 
     pipe = load_pipeline(spec, device)
-    if not plan.is_identity or "magnitude" in plan.meta:
+    if changes_encoder(plan):
         encoder = text_encoder_of(pipe, spec)
         set_text_encoder(pipe, spec, prune_encoder(encoder, plan))
         del encoder  # the dropped weights are freed here
@@ -99,7 +99,9 @@ class LazyPipeline:
 
     def identity(self) -> dict[str, Any]:
         """Which pipeline and which encoder make the images (not how the plan was found): the folder identity."""
-        dense = self.plan is None or (self.plan.is_identity and "magnitude" not in self.plan.meta)
+        from baselines import changes_encoder
+
+        dense = self.plan is None or not changes_encoder(self.plan)
         return {"pipeline": self.spec.name, "model_id": self.spec.model_id, "revision": self.spec.revision,
                 "plan": "dense" if dense else self.plan.fingerprint()}
 

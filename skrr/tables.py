@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from skrr.io import atomic_write_bytes
-from skrr.store import Cell, StoreError, read_json
+from skrr.store import Cell, CellStore, StoreError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +178,18 @@ class CellResult:
 
 def read_cell(results: Path, spec: ExperimentCell) -> CellResult:
     """Stage records, metric files and realized sparsity of a cell (corrupt files raise StoreError)."""
-    d = Path(results) / spec.cell.relpath()
-    stages = {s: (d / "stages" / f"{s}.json").exists() for s in spec.stages}
-    metrics = {p.stem: read_metric(p) for p in sorted((d / "metrics").glob("*.json"))}
+    store = CellStore(results, spec.cell, {})  # the cell's on-disk layout (its config is not needed to read)
+    stages = {s: store.done(s) for s in spec.stages}
+    metrics = {p.stem: read_metric(p) for p in sorted(store.metrics_dir.glob("*.json"))}
     realized = None
-    if (d / "plan.json").exists():
-        plan = read_json(d / "plan.json")
+    if store.plan_path.exists():
+        plan = read_json(store.plan_path)
         realized = (plan.get("meta") or {}).get("realized_sparsity") if isinstance(plan, dict) else None
     if realized is None:
         realized = next((m.realized_sparsity for m in metrics.values() if m.realized_sparsity is not None), None)
-    if realized is None and spec.cell.method == "dense" and (d / "plan.json").exists():
+    if realized is None and spec.cell.method == "dense" and store.plan_path.exists():
         realized = 0.0
-    return CellResult(spec, d, stages, metrics, float(realized) if realized is not None else None)
+    return CellResult(spec, store.dir, stages, metrics, float(realized) if realized is not None else None)
 
 
 # ---------------------------------------------------------------------------- table specs

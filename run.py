@@ -87,6 +87,8 @@ def pick_device(name: str) -> Any:
 
 def run_cell(cfg: DictConfig) -> Path:
     """All stages of one cell; returns the cell folder."""
+    from hydra.utils import instantiate
+
     from skrr import stages
     from skrr.interface import SparsityError, check_sparsity
     from skrr.pipelines import PipelineSpec
@@ -97,13 +99,14 @@ def run_cell(cfg: DictConfig) -> Path:
     if method == "dense" and sparsity != 0:
         raise SparsityError(f"method=dense prunes nothing; use sparsity=0 (got {sparsity})")
     spec = PipelineSpec.from_config(cfg.pipeline)
+    pruner = instantiate(cfg.method)  # checks the method's settings before anything is written
     device = pick_device(cfg.device)
     results = Path(cfg.paths.results)
     cell = Cell(spec.name, method, sparsity, int(cfg.seed), cfg.tag or "")
     store = CellStore(results, cell, config_that_matters(cfg), cfg.experiment).open(cfg.overwrite)
     log.info("cell %s -> %s", cell.label(), store.dir)
     with stages.tracker_for(cfg, store) as tracker:
-        plan = stages.search(cfg, store, method, spec, device, tracker)
+        plan = stages.search(cfg, store, method, pruner, spec, device, tracker)
         pipe = stages.LazyPipeline(spec, plan, device)
         if "generate" in cfg.stages:
             stages.generate(cfg, store, pipe, tracker)
@@ -115,13 +118,20 @@ def run_cell(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.errors import InstantiationException
+
+    bad_input = user_errors() + (IndexError, ValueError)
     try:
         run_cell(cfg)
-    except user_errors() + (IndexError, ValueError) as err:
-        # One line naming the problem and the fix (SKRR_DEBUG=1 shows the traceback).
-        if os.environ.get("SKRR_DEBUG") == "1":
+    except (*bad_input, InstantiationException) as err:
+        # One line naming the problem and the fix (SKRR_DEBUG=1 shows the traceback). A config object that
+        # refused its settings (e.g. method.beam_width=0) is reported by its own message.
+        cause, where = err, ""
+        if isinstance(err, InstantiationException):
+            cause, where = err.__cause__, str(err).rpartition("full_key: ")[2].strip() + ": "
+        if os.environ.get("SKRR_DEBUG") == "1" or not isinstance(cause, bad_input + (TypeError,)):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {where}{cause}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -310,6 +310,8 @@ class Skrr(PruningMethod):
         self.progress = bool(progress)
         self.max_tokens = int(max_tokens)
         self.state_cache_gib = float(state_cache_gib)
+        if self.state_cache_gib < 0:
+            raise ValueError(f"state_cache_gib must be >= 0 (0 = keep no beam states), got {state_cache_gib}")
 
     def settings(self) -> dict[str, Any]:
         """What changes the plan (the plan cache key): not prefix_cache, progress, max_tokens or

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from filelock import FileLock
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from skrr.interface import PruningMethod
 from skrr.io import atomic_write_text
 from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_text_encoder, text_encoder_of
 from skrr.plan import PruningPlan
@@ -29,9 +29,9 @@ def tracker_for(cfg: DictConfig, store: CellStore) -> Tracker:
     return Tracker(cfg.logger, store.cell, store.signature, cfg.experiment, config, store.results)
 
 
-def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSpec, device: torch.device,
-           tracker: Tracker) -> PruningPlan:
-    """The cell's plan: from the cell folder, a given plan file, or the (cached) method search."""
+def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningMethod, spec: PipelineSpec,
+           device: torch.device, tracker: Tracker) -> PruningPlan:
+    """The cell's plan: from the cell folder, a given plan file, or the (cached) search of ``method``."""
     if store.done("search"):
         plan = store.load_plan()
         log.info("search: done before -> %s", plan.summary())
@@ -41,7 +41,6 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, spec: PipelineSp
         encoder, _ = load_text_encoder(spec, device)
         plan = PruningPlan.from_json(cfg.plan_file).validate(encoder)
     else:
-        method = instantiate(cfg.method)
         targets = [float(cfg.sparsity), *map(float, cfg.search_sparsities)]
         plan = search_plans(cfg, method, method_name, spec, device, targets, store.results)[
             round(float(cfg.sparsity), 6)]

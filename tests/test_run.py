@@ -61,6 +61,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("plan.json"))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["method.beam_width=0"], "method: beam_width must be >= 1, got 0"),
+    (["method.state_cache_gib=-1"], "method: state_cache_gib must be >= 0"),
+    (["method=laco", "method.merge_layers=1"], "method: laco.merge_layers (C) must be >= 2"),
+    (["+method.beam=3"], "unexpected keyword argument 'beam'"),
+])
+def test_bad_method_settings_are_one_line_and_write_nothing(tmp_path, overrides, message):
+    proc = run("pipeline=tiny", *overrides, "stages=[search]", results=tmp_path, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "runs").exists()  # refused before the cell folder is made
+
+
 def test_plan_for_another_encoder_is_refused(tmp_path):
     from skrr import identity_plan
     from skrr.tiny import tiny_t5

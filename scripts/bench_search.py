@@ -51,13 +51,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-mask", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a shared box)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="rows x tokens per module call")
-    p.add_argument("--state-cache-gib", type=float, default=STATE_CACHE_GIB,
+    p.add_argument("--state-cache-gib", type=_gib, default=STATE_CACHE_GIB,
                    help="memory for beam hidden states kept across rounds (0: recompute each beam's prefix)")
     p.add_argument("--rounds", type=int, default=2, help="paper-scale: Skip rounds to time")
     p.add_argument("--naive-evals", type=int, default=3, help="paper-scale: straightforward evaluations to time")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = keep no beam states), got {text}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------- tiny, CPU

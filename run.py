@@ -30,7 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from skrr.interface import SparsityError
     from skrr.pipelines import ModelUnavailableError
     from skrr.plan import PlanError
-    from skrr.store import StoreError
+    from skrr.experiments.store import StoreError
 
     return (EvalError, CalibrationError, SparsityError, ModelUnavailableError, PlanError, StoreError)
 
@@ -89,10 +89,10 @@ def run_cell(cfg: DictConfig) -> Path:
     """All stages of one cell; returns the cell folder."""
     from hydra.utils import instantiate
 
-    from skrr import stages
+    from skrr.experiments import stages
     from skrr.interface import SparsityError, check_sparsity
     from skrr.pipelines import PipelineSpec
-    from skrr.store import Cell, CellStore
+    from skrr.experiments.store import Cell, CellStore
 
     cfg, method = resolve_cell(cfg)
     sparsity = check_sparsity(cfg.sparsity)

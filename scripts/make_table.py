@@ -17,8 +17,8 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from skrr.store import StoreError
-from skrr.tables import CONFIG_DIR, TableError, make_table, missing_lines, names, parse_cli, results_arg
+from skrr.experiments.store import StoreError
+from skrr.experiments.tables import CONFIG_DIR, TableError, make_table, missing_lines, names, parse_cli, results_arg
 
 USAGE = "usage: python scripts/make_table.py table=<name|all> [results=PATH] [plot=true|false]"
 

@@ -14,8 +14,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from skrr.io import atomic_write_bytes
-from skrr.store import StoreError
-from skrr.tables import (CONFIG_DIR, TableError, build_table, experiment_cells, load_table, parse_cli, render_plot,
+from skrr.experiments.store import StoreError
+from skrr.experiments.tables import (CONFIG_DIR, TableError, build_table, experiment_cells, load_table, parse_cli, render_plot,
                          results_arg)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from skrr.store import StoreError
-from skrr.tables import CONFIG_DIR, TableError, names, parse_cli, results_arg, status_lines
+from skrr.experiments.store import StoreError
+from skrr.experiments.tables import CONFIG_DIR, TableError, names, parse_cli, results_arg, status_lines
 
 
 def main(argv: list[str]) -> int:

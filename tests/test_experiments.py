@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from skrr.tables import CONFIG_DIR, ExperimentCell, compose_configs, experiment_cells, load_table, names, row_cells
+from skrr.experiments.tables import CONFIG_DIR, ExperimentCell, compose_configs, experiment_cells, load_table, names, row_cells
 
 EXPERIMENTS = names("experiment")
 TABLES = names("table")

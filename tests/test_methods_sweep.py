@@ -1,5 +1,5 @@
 """Every method (dense, Skrr and the baselines) returns a valid plan at every sparsity of a sweep,
-deterministically, through run.py's own path: Hydra compose -> instantiate(cfg.method) -> skrr.search."""
+deterministically, through run.py's own path: Hydra compose -> instantiate(cfg.method) -> skrr.experiments.search."""
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ from baselines import prune_encoder
 from skrr.families import family_of
 from skrr.interface import SPARSITY_TOLERANCE
 from skrr.pipelines import PipelineSpec, load_text_encoder
-from skrr.search import search_plans
+from skrr.experiments.search import search_plans
 from skrr.surgery import count_params, realized_sparsity
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

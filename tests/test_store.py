@@ -1,7 +1,7 @@
 """The results store: folder layout, signature refusal, reset on overwrite, corrupt files in one line."""
 import pytest
 
-from skrr.store import Cell, CellStore, StoreError, read_json
+from skrr.experiments.store import Cell, CellStore, StoreError, read_json
 
 
 def test_layout_and_signature_refusal(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from skrr.io import atomic_write_json
-from skrr.store import Cell, StoreError
-from skrr.tables import (Column, MetricRecord, TableError, build_table, experiment_cells, load_table, make_table,
+from skrr.experiments.store import Cell, StoreError
+from skrr.experiments.tables import (Column, MetricRecord, TableError, build_table, experiment_cells, load_table, make_table,
                          read_metric, render_csv, render_latex, render_markdown, render_plot, status_lines)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -289,7 +289,7 @@ def test_plot_is_a_png(tmp_path: Path, config_dir: Path, cells: list) -> None:
 
 
 def test_cli_arguments() -> None:
-    from skrr.tables import parse_cli
+    from skrr.experiments.tables import parse_cli
 
     allowed = {"table", "results", "plot"}
     assert parse_cli(["table=table1", "paths.results=/r"], allowed) == {"table": "table1", "results": "/r"}

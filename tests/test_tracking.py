@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from skrr.plan import EncoderSignature, PruningPlan, Slot
-from skrr.store import Cell
-from skrr.tracking import Tracker, resolve_mode, run_id
+from skrr.experiments.store import Cell
+from skrr.experiments.tracking import Tracker, resolve_mode, run_id
 
 CELL = Cell("tiny", "skrr", 0.419, 0, "k1")
 ON = {"enabled": True, "project": "skrr-test", "entity": None, "mode": None}
@@ -36,8 +36,8 @@ def plan() -> PruningPlan:
 def test_disabled_creates_nothing_and_never_imports_wandb(tmp_path: Path) -> None:
     code = f"""
 import sys
-from skrr.store import Cell
-from skrr.tracking import Tracker
+from skrr.experiments.store import Cell
+from skrr.experiments.tracking import Tracker
 t = Tracker({{"enabled": False, "mode": "online"}}, Cell("tiny", "skrr", 0.3), "sig", "g", {{}}, results=r"{tmp_path}")
 t.log_config({{"a": 1}}); t.log_metrics({{"clip": 0.3}}); t.log_images(["x.png"], ["p"]); t.finish()
 assert not t.enabled and t.mode == "disabled"

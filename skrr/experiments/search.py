@@ -18,7 +18,7 @@ from skrr.calib import DEFAULT_PROMPTS, CalibrationSet, load_prompts, prompt_has
 from skrr.interface import PruningMethod, check_sparsity
 from skrr.pipelines import PipelineSpec, load_caption_projection, load_text_encoder
 from skrr.plan import PruningPlan
-from skrr.store import PlanCache, canonical
+from skrr.experiments.store import PlanCache, canonical
 from skrr.surgery import signature
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from skrr.interface import PruningMethod
 from skrr.io import atomic_write_text
 from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_text_encoder, text_encoder_of
 from skrr.plan import PruningPlan
-from skrr.search import search_plans
-from skrr.store import Cell, CellStore
-from skrr.tracking import Tracker
+from skrr.experiments.search import search_plans
+from skrr.experiments.store import Cell, CellStore
+from skrr.experiments.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,6 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
 
 
 def _read_value(path: Path) -> float | None:
-    from skrr.store import read_json
+    from skrr.experiments.store import read_json
 
     return read_json(path).get("value")

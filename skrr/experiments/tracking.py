@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from skrr.plan import PruningPlan
-from skrr.store import Cell, short_hash
+from skrr.experiments.store import Cell, short_hash
 
 log = logging.getLogger(__name__)
 

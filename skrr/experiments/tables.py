@@ -23,11 +23,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from skrr.io import atomic_write_bytes
-from skrr.store import Cell, CellStore, StoreError, read_json
+from skrr.experiments.store import Cell, CellStore, StoreError, read_json
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 METHOD_LABELS = {"dense": "Dense", "shortgpt": "ShortGPT", "laco": "LaCo", "finercut": "FinerCut",
                  "skrr": "Skrr", "magnitude": "Magnitude"}
 # A backbone name with one of these marks is a stand-in (eval/backbones.py labels them so): never comparable.

@@ -212,7 +212,7 @@ def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, de
     gib = args.state_cache_gib if need_1k <= args.state_cache_gib else 0.0
     print(f"beam hidden states: {per_beam:.2f} GiB per beam here, {2 * k} beams at 1k prompts need {need_1k:.0f} "
           f"GiB: {'kept across rounds' if gib else 'not kept (over --state-cache-gib)'}")
-    result = skip_phase(calib, 0.0, k, max_rounds=args.rounds, prefix_cache=True, progress=args.progress,
+    result = skip_phase(calib, k, max_rounds=args.rounds, prefix_cache=True, progress=args.progress,
                         max_tokens=args.max_tokens, state_cache_gib=gib)
     for r, (sec, cands) in enumerate(zip(result.round_seconds, result.candidates), start=1):
         print(f"round {r}: {sec:.1f} s for {cands} candidates x {args.prompts} prompts "

@@ -1,11 +1,17 @@
 """Skrr (ICML 2025): the Skip phase (beam search, Alg. 1) and the Re-use phase (Alg. 2), SPEC §2-§3.
 
 Skip: a state is an ordered list S of skipped units; each round expands every beam by every unit not in
-S, scores all candidates with the discrepancy D (paper Eq. 3-4), keeps the ``beam_width`` lowest across all
-expansions (candidates that are the same *set* are one candidate: same plan, same D) and repeats until the
-best beam removes enough parameters. The best path is the lowest-D beam of the last round; every target
-sparsity takes the shortest prefix of it that reaches the target (SPEC §1). Ties: lower D, then the
-lexicographically smaller ordered list, so the search is deterministic.
+S, scores all candidates with the discrepancy D (paper Eq. 3-4) and keeps the ``beam_width`` lowest across
+all expansions. The search runs ``max_rounds`` rounds (default half the units: the paper's 24 of T5-XXL's
+48) whatever the targets, so the best path S* (the lowest-D beam of the last round) depends only on the
+calibration set and these settings; every target sparsity takes the shortest prefix of S* that reaches it
+(SPEC §1), and a plan never depends on which other targets share a sweep.
+
+Same-set candidates (``merge_same_set=True``, our choice): two expansions that reach the same *set* are one
+candidate (same plan, same D); it keeps the order reached from the parent beam with the lower D (ties: the
+parent's rank), i.e. the better history, so its prefixes are the better smaller plans. ``False`` is the
+literal Alg. 1: duplicates stay in the ranking (stable sort by D, in expansion order). Ties between
+different sets: lower D, then the lexicographically smaller ordered list, so the search is deterministic.
 
 Re-use: for each skipped unit i, try running the nearest kept unit of the same type below (l) or above (r)
 at i; keep a change only if it strictly lowers D. No parameters are added.
@@ -27,8 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from skrr.calib import MAX_TOKENS, PrefixStates, plan_keys
-from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, describe_order,
-                            prefix_plan)
+from skrr.interface import SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, describe_order, prefix_plan
 from skrr.plan import PlanError, PruningPlan, Slot, block_plan_to_units, part_of
 from skrr.surgery import count_params, units
 
@@ -110,47 +115,40 @@ def _scorer(calib: "CalibrationSet", prefix_cache: bool, max_tokens: int, bar: A
 
 
 # ----------------------------------------------------------------------------------------------- Skip phase
-def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 3, max_rounds: int | None = None,
-               prefix_cache: bool = True, progress: bool = True, max_tokens: int = MAX_TOKENS,
-               state_cache_gib: float = STATE_CACHE_GIB) -> SkipResult:
-    """Beam search over skipped units (Alg. 1) until the best beam reaches ``stop_sparsity``.
+def default_rounds(num_units: int) -> int:
+    """The paper's number of Skip rounds: half the units (24 of T5-XXL's 48), at least one."""
+    return max(1, num_units // 2)
 
-    With ``max_rounds`` the search runs exactly that many rounds instead (the paper ran 24), capped at the
-    number of units. Candidates whose set was already expanded from another beam are merged (same plan).
+
+def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | None = None,
+               prefix_cache: bool = True, progress: bool = True, max_tokens: int = MAX_TOKENS,
+               state_cache_gib: float = STATE_CACHE_GIB, merge_same_set: bool = True) -> SkipResult:
+    """Beam search over skipped units (Alg. 1) for ``max_rounds`` rounds (None: half the units, the paper's
+    24 of 48), capped at the number of units; the result does not depend on any target sparsity.
+
+    ``merge_same_set``: candidates that are the same set are one, with the order reached from the lower-D
+    parent beam (ties: the parent's rank); False keeps the duplicates (literal Alg. 1, stable sort by D).
     With the prefix cache, each beam's hidden states are kept while they fit in ``state_cache_gib``.
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    encoder, gran = calib.encoder, calib.granularity
-    sizes = [u.params for u in units(encoder, gran)]
-    total = count_params(encoder)
-    n = len(sizes)
-    if max_rounds is None and sum(sizes) / total < stop_sparsity - SPARSITY_TOLERANCE:
-        raise SparsityError(f"removing all {n} {gran}s reaches only {100 * sum(sizes) / total:.2f} % < "
-                            f"{100 * stop_sparsity:.2f} %; lower the sparsity")
-    rounds_cap = n if max_rounds is None else min(int(max_rounds), n)
+    if max_rounds is not None and int(max_rounds) < 1:
+        raise ValueError(f"max_rounds must be >= 1 (or None for half the units), got {max_rounds}")
+    gran = calib.granularity
+    n = calib.identity.num_positions
+    rounds_cap = default_rounds(n) if max_rounds is None else min(int(max_rounds), n)
     sig = calib.runner.signature
+    sizes = [u.params for u in units(calib.encoder, gran)]
+    total = count_params(calib.encoder)
     result = SkipResult()
     beams = [Beam((), 0.0)]  # D(dense) = 0
     outer = tqdm(total=rounds_cap, desc="skrr skip", unit="round", disable=not progress, leave=False)
     kept = _StateBudget(calib, state_cache_gib if prefix_cache else 0.0, max_tokens)
     held: dict[tuple[int, ...], PrefixStates] = {}
 
-    def reached(beam: Beam) -> bool:
-        return sum(sizes[i] for i in beam.order) / total >= stop_sparsity - SPARSITY_TOLERANCE
-
-    while len(result.rounds) < rounds_cap and (max_rounds is not None or not reached(beams[0])):
+    while len(result.rounds) < rounds_cap:
         start = time.perf_counter()
-        # Expand every beam by every unit it does not skip; one candidate per set (Alg. 1, merged).
-        cands: dict[frozenset[int], tuple[int, ...]] = {}
-        for beam in beams:
-            skipped = set(beam.order)
-            for u in range(n):
-                if u not in skipped:
-                    order = beam.order + (u,)
-                    key = frozenset(order)
-                    cands[key] = min(cands.get(key, order), order)
-        orders = list(cands.values())
+        orders = expand(beams, n, merge_same_set)
         plans = [PruningPlan.from_skips(sig, o, gran, "skrr") for o in orders]
         # Each beam's states, derived from its parent's (the beam of the last round it extends).
         held = kept.derive({b.order: PruningPlan.from_skips(sig, b.order, gran, "skrr") for b in beams},
@@ -160,9 +158,11 @@ def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 
         # None: proven worse than beam_width other candidates, so it cannot be kept (prefix cache only).
         scores = _scorer(calib, prefix_cache, max_tokens, bar)(plans, math.inf, list(held.values()), beam_width)
         bar.close()
-        ranked = sorted((Beam(o, d) for o, d in zip(orders, scores) if d is not None),
-                        key=lambda b: (b.score, b.order))
-        beams = ranked[:beam_width]
+        found = [Beam(o, d) for o, d in zip(orders, scores) if d is not None]
+        # Merged: one candidate per set, so ties between sets go to the smaller ordered list. Literal Alg. 1:
+        # a stable sort by D alone (duplicates of one set have the same D and stay in expansion order).
+        beams = sorted(found, key=(lambda b: (b.score, b.order)) if merge_same_set else (lambda b: b.score))
+        beams = beams[:beam_width]
         result.rounds.append(beams)
         result.candidates.append(len(plans))
         result.round_seconds.append(time.perf_counter() - start)
@@ -172,6 +172,23 @@ def skip_phase(calib: "CalibrationSet", stop_sparsity: float, beam_width: int = 
                  beams[0].score, describe_order(beams[0].order, gran))
     outer.close()
     return result
+
+
+def expand(beams: Sequence[Beam], num_units: int, merge_same_set: bool = True) -> list[tuple[int, ...]]:
+    """Every beam (best first) extended by every unit it does not skip (Alg. 1), in expansion order.
+
+    Merged, a set reached from several beams keeps the order from the first of them in rank order, i.e. the
+    parent with the lower D (ties: the parent's rank), not the lexicographically smaller order: on MiniLM the
+    latter turned the path (3, 1, 4) into (1, 3, 4) and so the 1-block plan into a worse block.
+    """
+    cands: dict[frozenset[int] | tuple[int, ...], tuple[int, ...]] = {}
+    for beam in beams:
+        skipped = set(beam.order)
+        for u in range(num_units):
+            if u not in skipped:
+                order = beam.order + (u,)
+                cands.setdefault(frozenset(order) if merge_same_set else order, order)
+    return list(cands.values())
 
 
 class _StateBudget:
@@ -289,22 +306,26 @@ def _converter(calib: "CalibrationSet", plan: PruningPlan) -> Callable[[PruningP
 
 # ----------------------------------------------------------------------------------------------- the method
 class Skrr(PruningMethod):
-    """Skip (beam search over sub-blocks, Alg. 1) then Re-use (Alg. 2); one search serves every sparsity."""
+    """Skip (beam search over sub-blocks, Alg. 1) then Re-use (Alg. 2); one search path serves every sparsity."""
 
     name = "skrr"
     granularity = "unit"
 
     def __init__(self, beam_width: int = 3, reuse: bool = True, reuse_order: str = "ascending",
                  prefix_cache: bool = True, max_rounds: int | None = None, progress: bool = True,
-                 max_tokens: int = MAX_TOKENS, state_cache_gib: float = STATE_CACHE_GIB):
+                 max_tokens: int = MAX_TOKENS, state_cache_gib: float = STATE_CACHE_GIB,
+                 merge_same_set: bool = True):
         if reuse_order not in REUSE_ORDERS:
             raise ValueError(f"reuse_order must be one of {REUSE_ORDERS}, got {reuse_order!r}")
         if int(beam_width) < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+        if max_rounds is not None and int(max_rounds) < 1:
+            raise ValueError(f"max_rounds must be >= 1 (or null for half the units), got {max_rounds}")
         self.beam_width = int(beam_width)
         self.reuse = bool(reuse)
         self.reuse_order = reuse_order
         self.max_rounds = None if max_rounds is None else int(max_rounds)
+        self.merge_same_set = bool(merge_same_set)
         # Speed knobs: they never change the plan, so they are not part of settings().
         self.prefix_cache = bool(prefix_cache)
         self.progress = bool(progress)
@@ -317,26 +338,39 @@ class Skrr(PruningMethod):
         """What changes the plan (the plan cache key): not prefix_cache, progress, max_tokens or
         state_cache_gib."""
         return {"beam_width": self.beam_width, "reuse": self.reuse, "reuse_order": self.reuse_order,
-                "max_rounds": self.max_rounds}
+                "max_rounds": self.max_rounds, "merge_same_set": self.merge_same_set}
 
     def search(self, calib: "CalibrationSet", sparsity: float) -> PruningPlan:
         """The Skrr plan for one target sparsity."""
         return self.search_many(calib, [sparsity])[float(sparsity)]
 
     def search_many(self, calib: "CalibrationSet", sparsities: Iterable[float]) -> dict[float, PruningPlan]:
-        """One beam search up to the largest target; each target is the shortest prefix of the best path."""
+        """One beam search of ``max_rounds`` rounds, whatever the targets; each target is the shortest prefix
+        of its best path S* (so the plan at s is the same in every sweep that asks for s)."""
         targets = [check_sparsity(s) for s in sparsities]
         if not targets:
             return {}
         if calib.granularity != "unit":
             log.info("skrr: %s encoders have no exact sub-block removal; searching %ss", calib.runner.family.name,
                      calib.granularity)
-        skip = skip_phase(calib, max(targets), self.beam_width, self.max_rounds, self.prefix_cache, self.progress,
-                          self.max_tokens, self.state_cache_gib)
+        if max(targets) <= SPARSITY_TOLERANCE:  # the dense plan: no path needed
+            return {float(s): prefix_plan(calib.encoder, [], s, calib.granularity, self.name,
+                                          {"settings": self.settings()}) for s in targets}
+        n = calib.identity.num_positions
+        rounds = default_rounds(n) if self.max_rounds is None else min(self.max_rounds, n)
+        sizes = sorted((u.params for u in units(calib.encoder, calib.granularity)), reverse=True)
+        total = count_params(calib.encoder)
+        # Refuse before hours of search when no path of this length can reach a target.
+        self._check_reach(max(targets), sum(sizes[:rounds]) / total, rounds, n, sum(sizes) / total,
+                          "any path (the largest units)")
+        skip = skip_phase(calib, self.beam_width, self.max_rounds, self.prefix_cache, self.progress,
+                          self.max_tokens, self.state_cache_gib, self.merge_same_set)
         meta = {"settings": self.settings(), "beam_width": self.beam_width, "calib": calib.settings(),
                 "search": skip.to_meta()}
+        path_share = removed_share(calib, skip.order)
         plans: dict[float, PruningPlan] = {}
         for s in targets:
+            self._check_reach(s, path_share, rounds, n, sum(sizes) / total, "the best path")
             plan = prefix_plan(calib.encoder, skip.order, s, calib.granularity, self.name, meta)
             if self.reuse:
                 plan = reuse_phase(calib, plan, self.reuse_order, prefix_cache=self.prefix_cache,
@@ -345,3 +379,21 @@ class Skrr(PruningMethod):
             plans[float(s)] = plan
             log.info("skrr: target %.4f -> %s", s, plan.summary())
         return plans
+
+    def _check_reach(self, target: float, share: float, rounds: int, n: int, everything: float, what: str) -> None:
+        """One line naming method.max_rounds when ``share`` (of ``rounds`` units) falls short of ``target``."""
+        if share >= target - SPARSITY_TOLERANCE:
+            return
+        if everything < target - SPARSITY_TOLERANCE:
+            raise SparsityError(f"skrr: removing all {n} units reaches only {100 * everything:.2f} % < "
+                                f"{100 * target:.2f} %; lower the sparsity")
+        setting = "null = half the units" if self.max_rounds is None else str(self.max_rounds)
+        raise SparsityError(f"skrr: {what} of {rounds} rounds removes {100 * share:.2f} % < "
+                            f"{100 * target:.2f} %; raise method.max_rounds (now {setting}; at most {n}) or lower "
+                            f"the sparsity")
+
+
+def removed_share(calib: "CalibrationSet", order: Sequence[int]) -> float:
+    """Fraction of the encoder's parameters held by the units of ``order`` (SPEC §1 sparsity)."""
+    sizes = units(calib.encoder, calib.granularity)
+    return sum(sizes[i].params for i in order) / count_params(calib.encoder)

@@ -67,3 +67,20 @@ def test_every_method_gives_valid_deterministic_plans(name, tmp_path):
         assert out.shape == dense.shape and torch.isfinite(out).all()
         if s == 0:
             assert torch.equal(out, dense)
+
+
+def test_plan_cache_is_keyed_without_the_targets(tmp_path):
+    """One cached record per method settings: a later sweep with more targets adds them, and the plan at a
+    target it already holds is served as is (Skrr's path does not depend on the other targets)."""
+    cfg = compose_cell("skrr")
+    spec = PipelineSpec.from_config(cfg.pipeline)
+    method = instantiate(cfg.method, progress=False)
+    first = search_plans(cfg, method, "skrr", spec, torch.device("cpu"), [0.1], tmp_path)
+    files = sorted((tmp_path / "plans").rglob("*.json"))
+    assert len(files) == 1
+    both = search_plans(cfg, method, "skrr", spec, torch.device("cpu"), [0.1, 0.25], tmp_path)
+    assert sorted((tmp_path / "plans").rglob("*.json")) == files
+    assert both[0.1] == first[0.1] and both[0.1].meta == first[0.1].meta  # served from the record
+    fresh = search_plans(cfg, method, "skrr", spec, torch.device("cpu"), [0.1, 0.25], tmp_path / "fresh")
+    assert fresh[0.1] == first[0.1] and fresh[0.25] == both[0.25]
+    assert fresh[0.1].meta["order"] == first[0.1].meta["order"]

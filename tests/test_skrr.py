@@ -56,9 +56,10 @@ def test_exact_identity_units_are_skipped_with_zero_discrepancy(tokenizer, prefi
     calib = make_calib(tokenizer, enc)
     plan = skrr(prefix_cache=prefix_cache).search(calib, share(enc, [2, 5]))
     assert plan.skipped == (2, 5) and not plan.reused
-    assert plan.meta["search"]["path_scores"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert plan.meta["search"]["path_scores"][:2] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert plan.meta["search"]["path_scores"][2] > 0
     # Ties at D = 0 go to the lexicographically smaller list (exact zeros are guaranteed on the full-pass path).
-    assert plan.meta["order"] == [2, 5] or (prefix_cache and sorted(plan.meta["order"]) == [2, 5])
+    assert plan.meta["order"][:2] == [2, 5] or (prefix_cache and sorted(plan.meta["order"][:2]) == [2, 5])
     assert calib.discrepancy(plan) == 0.0  # same shapes as the dense pass: exactly 0
     assert plan.method == "skrr" and plan.meta["realized_sparsity"] == pytest.approx(share(enc, [2, 5]))
 
@@ -117,28 +118,60 @@ def test_beam_search_finds_the_pair_greedy_misses(tokenizer):
     assert greedy_plan.skipped == (1, 3) and beam_plan.skipped == (5, 7)
     d_greedy, d_beam = calib.discrepancy(greedy_plan), calib.discrepancy(beam_plan)
     assert d_greedy > d_beam
-    assert beam_plan.meta["search"]["path_scores"][-1] == pytest.approx(d_beam, rel=1e-6)
+    assert beam_plan.meta["search"]["path_scores"][beam_plan.meta["prefix"] - 1] == pytest.approx(d_beam, rel=1e-6)
 
 
 def test_beam_rounds_follow_algorithm_1(tokenizer):
-    """Each round keeps the k lowest distinct sets over all expansions of all beams, ties by ordered list."""
+    """Each round keeps the k lowest distinct sets over all expansions of all beams; a set reached from several
+    beams keeps the order from the best of them; ties between sets by ordered list."""
     calib = make_calib(tokenizer, tiny_t5(num_layers=3, seed=3))
     k, rounds = 2, 3
-    result = skip_phase(calib, 0.0, beam_width=k, max_rounds=rounds, prefix_cache=True, progress=False)
+    result = skip_phase(calib, beam_width=k, max_rounds=rounds, prefix_cache=True, progress=False)
     sig, n = calib.identity.encoder, calib.identity.num_positions
     beams = [()]
     for r in range(rounds):
         cands = {}
-        for b in beams:
+        for b in beams:  # best beam first: the first order reached for a set is kept
             for u in range(n):
                 if u not in b:
-                    key = frozenset(b + (u,))
-                    cands[key] = min(cands.get(key, b + (u,)), b + (u,))
+                    cands.setdefault(frozenset(b + (u,)), b + (u,))
         scored = sorted((calib.discrepancy(PruningPlan.from_skips(sig, o)), o) for o in cands.values())
         beams = [o for _, o in scored[:k]]
         assert [b.order for b in result.rounds[r]] == beams
         assert [b.score for b in result.rounds[r]] == pytest.approx([s for s, _ in scored[:k]], rel=1e-6)
     assert result.order == list(beams[0]) and len(result.rounds) == rounds
+
+
+def same_set_t5():
+    """FFNs of blocks 0 and 1 (units 1 and 3) nearly harmless, unit 3 the least: round 1 ranks (3,) above (1,),
+    and {1, 3} is the best set of round 2, reached as (3, 1) from the better parent and as (1, 3)."""
+    enc = tiny_t5(num_layers=4, seed=0)
+    with torch.no_grad():
+        enc.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(0.1)
+        enc.encoder.block[1].layer[1].DenseReluDense.wo.weight.mul_(0.05)
+    return enc
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_same_set_candidates_keep_the_better_history(tokenizer, prefix_cache):
+    enc = same_set_t5()
+    calib = make_calib(tokenizer, enc, num_prompts=4, projection=False)
+    d = {s: calib.discrepancy(PruningPlan.from_skips(calib.identity.encoder, s)) for s in [(1,), (3,)]}
+    assert d[(3,)] < d[(1,)]
+    plans = skrr(beam_width=2, reuse=False, prefix_cache=prefix_cache).search_many(
+        calib, [share(enc, [3]), share(enc, [1, 3])])
+    one, two = plans.values()
+    assert one.meta["order"][:2] == [3, 1]  # the lexicographic rule made it (1, 3): block 0's FFN alone
+    assert one.skipped == (3,) and two.skipped == (1, 3)
+    assert one.meta["settings"]["merge_same_set"] is True
+    # The literal Alg. 1 keeps both orders of the set as two beams (stable sort: the better parent's first).
+    literal = skip_phase(calib, beam_width=2, max_rounds=2, prefix_cache=prefix_cache, progress=False,
+                         merge_same_set=False)
+    assert [b.order for b in literal.rounds[1]] == [(3, 1), (1, 3)]
+    assert literal.rounds[1][0].score == literal.rounds[1][1].score
+    literal_plan = skrr(beam_width=2, reuse=False, prefix_cache=prefix_cache, merge_same_set=False).search(
+        calib, share(enc, [3]))
+    assert literal_plan.meta["settings"]["merge_same_set"] is False
 
 
 CONFIGS = [{}, {"token_mask": True, "max_length": 64}, {"metric": "cosine"},
@@ -149,7 +182,7 @@ CONFIGS = [{}, {"token_mask": True, "max_length": 64}, {"metric": "cosine"},
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_prefix_cache_gives_the_same_plans(tokenizer, kw, gib):
     calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=4), **kw)
-    targets = [0.2, 0.45]
+    targets = [0.2, 0.4]
     fast = skrr(prefix_cache=True, max_tokens=4 * calib.max_length, state_cache_gib=gib).search_many(calib, targets)
     slow = skrr(prefix_cache=False).search_many(calib, targets)
     for s in targets:
@@ -179,7 +212,7 @@ def test_beam_states_save_work_and_fall_back_beyond_their_budget(tokenizer, capl
 
 def test_search_is_deterministic_and_serves_every_sparsity(tokenizer):
     calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=5))
-    targets = [0.1, 0.25, 0.45]
+    targets = [0.1, 0.25, 0.35]
     one = skrr(reuse=False).search_many(calib, targets)
     two = skrr(reuse=False).search_many(calib, targets)
     prefixes = []
@@ -192,15 +225,41 @@ def test_search_is_deterministic_and_serves_every_sparsity(tokenizer):
         assert meta["beam_width"] == 3 and meta["calib"] == calib.settings()
         prefixes.append(meta["prefix"])
     assert prefixes == sorted(prefixes)
-    assert share(calib.encoder, one[0.45].meta["order"]) >= 0.45 - 5e-4  # searched until the largest target
+    assert len(one[0.1].meta["order"]) == 4 == one[0.1].meta["search"]["rounds"]  # half of the 8 units
+
+
+def test_the_path_does_not_depend_on_the_other_targets(tokenizer):
+    """A target's plan is the same alone and beside a larger target (the old search stopped at the largest
+    target: alone, unit 1 (round 1's best), beside 2 FFNs, unit 5 (a prefix of round 2's best (5, 7)))."""
+    enc = interacting_t5()
+    calib = make_calib(tokenizer, enc, num_prompts=4, projection=False)
+    s1, s2 = share(enc, [1]), share(enc, [1, 3])
+    alone = skrr(beam_width=3).search_many(calib, [s1])[s1]
+    both = skrr(beam_width=3).search_many(calib, [s1, s2])
+    assert alone == both[s1] and alone.reused == both[s1].reused and alone.skipped == both[s1].skipped
+    assert alone.meta["order"] == both[s2].meta["order"] and alone.meta["search"]["rounds"] == 4
 
 
 def test_max_rounds_and_unreachable_targets(tokenizer):
     calib = make_calib(tokenizer, tiny_t5(num_layers=3, seed=6))
     plan = skrr(reuse=False, max_rounds=4).search(calib, 0.1)
     assert plan.meta["search"]["rounds"] == 4 and len(plan.meta["order"]) == 4
-    with pytest.raises(SparsityError):
+    with pytest.raises(SparsityError, match="lower the sparsity"):
         skrr().search(calib, 0.99)  # the embedding alone is more than 1 %
+    # 3 rounds (half of 6 units) cannot reach 60 %, all 6 units can: the message names method.max_rounds.
+    assert share(calib.encoder, range(6)) > 0.6
+    with pytest.raises(SparsityError, match=r"method\.max_rounds") as err:
+        skrr().search(calib, 0.6)
+    assert "\n" not in str(err.value)
+    # The path itself falls short (reachable by the 3 largest units, not by this path's 3).
+    path = skrr(reuse=False).search(calib, 0.1).meta["order"]
+    short = share(calib.encoder, path) + 1e-3
+    assert short < share(calib.encoder, sorted(range(6), key=lambda u: -share(calib.encoder, [u]))[:3])
+    with pytest.raises(SparsityError, match=r"the best path of 3 rounds.*method\.max_rounds"):
+        skrr(reuse=False).search(calib, short)
+    assert skrr(reuse=False, max_rounds=6).search(calib, 0.6).meta["realized_sparsity"] >= 0.6 - 5e-4
+    with pytest.raises(ValueError, match="max_rounds"):
+        skrr(max_rounds=0)
     dense = skrr().search(calib, 0.0)
     assert dense.is_identity and dense.meta["realized_sparsity"] == 0.0
 
@@ -289,7 +348,8 @@ def test_config_instantiates_the_paper_defaults():
 
     method = instantiate(OmegaConf.load(ROOT / "configs" / "method" / "skrr.yaml"))
     assert isinstance(method, Skrr) and method.name == "skrr"
-    assert method.settings() == {"beam_width": 3, "reuse": True, "reuse_order": "ascending", "max_rounds": None}
+    assert method.settings() == {"beam_width": 3, "reuse": True, "reuse_order": "ascending", "max_rounds": None,
+                                 "merge_same_set": True}
     assert method.prefix_cache is True
 
 

@@ -57,36 +57,37 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
     sig = signature(encoder)
     cache = PlanCache(results)
     calib_cfg = OmegaConf.to_container(cfg.calib, resolve=True) if name != "dense" else {}
-    # The targets are part of the key: a beam search run further can pick a different best path, so a
-    # plan is only shared between cells that asked for the same set of targets (one experiment's cells).
+    # The targets are not part of the key: every method's plan at s is independent of the other targets
+    # (Skrr runs a fixed number of rounds, the baselines take prefixes of one order), so one cached record
+    # serves every sweep and grows by the targets it was not yet asked for.
     key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.max_sequence_length}",
-                    calib_cfg, {"name": name, "targets": [_skey(s) for s in sparsities],
-                                **_jsonable(method.settings())})
+                    calib_cfg, {"name": name, **_jsonable(method.settings())})
     path = cache.path(sig.model_id or sig.arch, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # concurrent cells of one sweep wait for the first search
-        record = cache.get(path)
-        if record is None:
+        record = cache.get(path) or {"method": name, "encoder": sig.describe(), "search_seconds": 0.0, "plans": {}}
+        missing = [s for s in sparsities if _skey(s) not in record["plans"]]
+        if missing:
             start = time.time()
             if name == "dense":
                 from skrr.surgery import identity_plan
 
                 found = {s: identity_plan(encoder).with_meta(target_sparsity=0.0, realized_sparsity=0.0)
-                         for s in sparsities}
+                         for s in missing}
             elif not method.needs_calibration:  # weights only: skip encoding 1k prompts
                 calib = CalibrationSet(encoder, tokenizer, [""], None, max_length=spec.max_sequence_length,
                                        use_projection=False, null_prompt=False, device=device,
                                        granularity=_granularity(method, encoder))
-                found = method.search_many(calib, sparsities)
+                found = method.search_many(calib, missing)
             else:
                 calib = calibration_set(cfg, encoder, tokenizer, spec, device,
                                         granularity=_granularity(method, encoder))
-                found = method.search_many(calib, sparsities)
+                found = method.search_many(calib, missing)
             seconds = round(time.time() - start, 2)
-            record = {"method": name, "encoder": sig.describe(), "search_seconds": seconds,
-                      "plans": {_skey(s): p.with_meta(search_seconds=seconds).to_dict() for s, p in found.items()}}
+            record["search_seconds"] = round(record["search_seconds"] + seconds, 2)
+            record["plans"].update({_skey(s): p.with_meta(search_seconds=seconds).to_dict() for s, p in found.items()})
             cache.put(path, record)
-            log.info("searched %s for %s in %.1fs -> %s", name, sparsities, seconds, path)
+            log.info("searched %s for %s in %.1fs -> %s", name, missing, seconds, path)
         else:
             log.info("reusing cached %s plans from %s", name, path)
     return {s: PruningPlan.from_dict(record["plans"][_skey(s)]) for s in sparsities}

@@ -56,6 +56,10 @@ METRICS = ("mse", "cosine")
 # Token budget of one module call in ``discrepancies`` (rows x tokens): T5-XXL at 300 tokens keeps
 # activations of one call to a few GiB in bf16; the tiny encoders are far below it.
 MAX_TOKENS = 2 ** 16
+# Elements of one piece of ``row_errors``: its float32 errors (and the float64 copy torch makes to sum them)
+# stay at 48 MiB however many candidates are stacked (one T5-XXL prompt after PixArt-Σ's projection is
+# 300 x 1152 = 345,600 elements).
+ERROR_PIECE = 2 ** 22
 
 
 class CalibrationError(ValueError):
@@ -270,27 +274,48 @@ class CalibrationSet:
 
         ``pruned`` may carry extra leading dims (several plans against one dense batch). Summing each prompt
         on its own and then the prompts exactly (``math.fsum``) makes D independent of how prompts are batched.
+        Features stay in their dtype (the dense reference is the cached one, never copied); the float32 errors
+        and their float64 sums are made ``ERROR_PIECE`` elements at a time, so scoring never copies a whole
+        [plans, prompts, L, d] tensor to float32/float64 (T5-XXL: over 1 GiB per module call of bf16 features),
+        and every prompt's sum is bit-identical to the one over the whole tensor.
         """
-        dense, pruned = dense.float(), pruned.float()
+        flat = pruned.reshape(-1, *pruned.shape[-3:])  # [plans, N, L, d]: a view of the stacked features
+        plans, prompts = flat.shape[:2]
+        per_prompt = math.prod(flat.shape[2:])
+        out = torch.empty(plans, prompts, dtype=torch.float64, device=pruned.device)
+        if prompts * per_prompt <= ERROR_PIECE:  # whole plans per piece
+            step = ERROR_PIECE // (prompts * per_prompt)
+            for a in range(0, plans, step):
+                out[a:a + step] = self._piece_errors(dense, flat[a:a + step], mask)
+        else:  # prompts of one plan per piece
+            step = max(1, ERROR_PIECE // per_prompt)
+            for p in range(plans):
+                for a in range(0, prompts, step):
+                    out[p, a:a + step] = self._piece_errors(dense[a:a + step], flat[p, a:a + step], mask[a:a + step])
         if self.metric == "mse":
-            err = (dense - pruned).pow(2)  # [..., N, L, d]
+            count = int(mask.sum()) * dense.shape[-1] if self.token_mask else math.prod(dense.shape)
+        else:
+            count = int(mask.sum()) if self.token_mask else math.prod(dense.shape[:-1])
+        return out.view(*pruned.shape[:-2]), count
+
+    def _piece_errors(self, dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-prompt error sums (float64, shape pruned.shape[:-2]) of one piece: errors in float32, summed in
+        float64 with ``sum(dtype=...)`` (torch casts the piece to sum it: the piece size bounds that copy)."""
+        if self.metric == "mse":
+            err = dense.float() - pruned.float()  # [..., N, L, d]; no copy of float32 features
+            err.pow_(2)
             if self.token_mask:
-                err = err * mask.unsqueeze(-1).to(err.dtype)
-                count = int(mask.sum()) * err.shape[-1]
-            else:
-                count = math.prod(dense.shape)
-            return err.double().sum(dim=(-2, -1)), count
+                err.mul_(mask.unsqueeze(-1).to(err.dtype))
+            return err.sum(dim=(-2, -1), dtype=torch.float64)
         # cosine distance per token (Table A13 ablation), as 1 - cos = |a/|a| - b/|b||^2 / 2: the same number,
         # but exactly 0 for identical features and never negative (which the early-abandon bound relies on).
+        dense, pruned = dense.float(), pruned.float()
         unit_d = dense / dense.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         unit_p = pruned / pruned.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        err = 0.5 * (unit_d - unit_p).pow(2).sum(dim=-1)  # [..., N, L]
+        err = 0.5 * (unit_d - unit_p).pow_(2).sum(dim=-1)  # [..., N, L]
         if self.token_mask:
-            err = err * mask.to(err.dtype)
-            count = int(mask.sum())
-        else:
-            count = math.prod(dense.shape[:-1])
-        return err.double().sum(dim=-1), count
+            err.mul_(mask.to(err.dtype))
+        return err.sum(dim=-1, dtype=torch.float64)
 
     def _mean_distance(self, outputs: Sequence[torch.Tensor], dense: Sequence[torch.Tensor],
                        batches: Sequence[Batch]) -> float:

@@ -119,6 +119,52 @@ def test_discrepancy_is_the_paper_formula(tokenizer):
     assert calib.discrepancy(plan) == pytest.approx(float(mse + mse_null), rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def small_calib(tokenizer):
+    return make_calib(tokenizer, prompts=PROMPTS[:2])
+
+
+def whole_tensor_errors(metric, token_mask, dense, pruned, mask):
+    """The per-prompt error sums written out on whole tensors (float32 copies, float64 copy of the errors)."""
+    dense, pruned = dense.float(), pruned.float()
+    if metric == "mse":
+        err = (dense - pruned).pow(2)
+        if token_mask:
+            err = err * mask.unsqueeze(-1).float()
+        return err.double().sum(dim=(-2, -1))
+    cos = torch.nn.functional.cosine_similarity(dense, pruned, dim=-1, eps=1e-8)
+    err = 1 - cos if not token_mask else (1 - cos) * mask.float()
+    return err.double().sum(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric,token_mask", [("mse", False), ("mse", True), ("cosine", False), ("cosine", True)])
+@pytest.mark.parametrize("piece", [None, 3 * 7 * 16, 50])  # whole tensor, whole plans, prompts of one plan
+def test_row_errors_in_pieces_equal_the_whole_tensor_formula(small_calib, monkeypatch, dtype, metric, token_mask,
+                                                              piece):
+    import skrr.calib as calib_module
+
+    calib = small_calib
+    monkeypatch.setattr(calib, "metric", metric)
+    monkeypatch.setattr(calib, "token_mask", token_mask)
+    if piece:
+        monkeypatch.setattr(calib_module, "ERROR_PIECE", piece)
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(3, 7, 16, generator=g).to(dtype)
+    pruned = (dense.float() + 0.3 * torch.randn(5, 2, 3, 7, 16, generator=g)).to(dtype)  # [plans..., N, L, d]
+    mask = (torch.rand(3, 7, generator=g) > 0.3).long()
+    sums, count = calib.row_errors(dense, pruned, mask)
+    want = whole_tensor_errors(metric, token_mask, dense, pruned, mask)
+    assert sums.shape == (5, 2, 3) and sums.dtype == torch.float64
+    if metric == "mse":
+        assert torch.equal(sums, want)  # bit for bit: same float32 errors, same float64 sums
+        assert count == (int(mask.sum()) * 16 if token_mask else 3 * 7 * 16)
+    else:  # the code's 1 - cos is |a/|a| - b/|b||^2 / 2 (never negative): equal up to rounding
+        torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
+        assert count == (int(mask.sum()) if token_mask else 3 * 7)
+    assert torch.equal(calib.row_errors(dense, pruned[0, 0], mask)[0], sums[0, 0])  # no plan dims
+
+
 def test_null_prompt_flag_adds_the_empty_prompt_term(tokenizer):
     plan_skips = {2: None, 5: None}
     with_null = make_calib(tokenizer, null_prompt=True)

@@ -1,12 +1,17 @@
-"""Skrr search: prefix-cached vs straightforward, side by side on the same inputs (issue 3).
+"""Skrr search: prefix-cached vs straightforward, side by side on the same inputs (issues 3 and 12).
 
-    python scripts/bench_search.py                      # tiny 24-block T5 on CPU, both searches, same plan
+    python scripts/bench_search.py                      # tiny 12-block T5 (d_model 256) on CPU, both searches, same plan
+    python scripts/bench_search.py --layers 24 --d-model 64 --prompts 64   # the paper's 48 units and 24 rounds
     python scripts/bench_search.py --paper-scale        # T5-v1.1-XXL shapes, random weights, GPU: cost estimate
 
-The default run builds a tiny-but-deep T5 (24 blocks = 48 units), a random PixArt caption projection and a
-few prompts from skrr/data/calib_prompts.txt, runs Skrr with ``prefix_cache=False`` (one full forward per
-candidate) and ``prefix_cache=True``, asserts that both return the same plans with the same scores and
-prints the times, the speed-up and the work done (token evaluations = rows x tokens over all module calls).
+The default run builds a tiny-but-deep T5 (12 blocks = 24 units, d_model 256: compute-bound, so the wall
+ratio follows the work), a random PixArt caption projection and a few prompts from
+skrr/data/calib_prompts.txt, runs Skrr with ``prefix_cache=False`` (one full forward per candidate) and
+``prefix_cache=True`` for the same rounds (half the units, the paper's rule), asserts that both return the
+same plans with the same scores and leads with the ratio of encoder token-evaluations (rows x tokens over all
+module calls: hardware-independent), with the wall-clock ratio beside it. It ends with the memory peak of
+scoring one module call's worth of stacked candidates: ``CalibrationSet.row_errors`` vs the same sums on
+whole-tensor float32/float64 copies.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 from skrr.calib import DEFAULT_PROMPTS, MAX_TOKENS, CalibrationSet, ScoreStats, load_prompts  # noqa: E402
-from skrr.method import STATE_CACHE_GIB, Skrr, skip_phase  # noqa: E402
+from skrr.method import STATE_CACHE_GIB, Skrr, default_rounds, skip_phase  # noqa: E402
 
 log = logging.getLogger("bench_search")
 
@@ -35,16 +40,18 @@ log = logging.getLogger("bench_search")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--paper-scale", action="store_true", help="T5-v1.1-XXL architecture, random weights, GPU only")
-    p.add_argument("--layers", type=int, default=24, help="tiny T5 blocks (2 units each)")
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--d-ff", type=int, default=64)
+    p.add_argument("--layers", type=int, default=12, help="tiny T5 blocks (2 units each); the search runs half the "
+                                                           "units as rounds (24: the paper's 48 units, 24 rounds)")
+    p.add_argument("--d-model", type=int, default=256, help="width (>= 256: compute-bound on a CPU core)")
+    p.add_argument("--d-ff", type=int, default=None, help="FFN width (default 2 x d_model)")
     p.add_argument("--spread", type=float, default=0.0,
                    help="scale each unit's output projection by 10**U(-spread, 0): units of unequal importance, "
                         "as in trained encoders (0 = the plain random tiny T5, where all units look alike)")
     p.add_argument("--prompts", type=int, default=None, help="calibration prompts (default 8; paper scale 64)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per prompt, padded (default 64; paper "
+    p.add_argument("--max-length", type=int, default=None, help="tokens per prompt, padded (default 32; paper "
                                                                  "scale 300, PixArt-Σ)")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.419], help="target sparsities")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.3], help="target sparsities (prefixes of the "
+                                                                             "one best path)")
     p.add_argument("--beam-width", type=int, default=3)
     p.add_argument("--no-reuse", action="store_true", help="time the Skip phase only")
     p.add_argument("--metric", default="mse", choices=["mse", "cosine"])
@@ -92,15 +99,16 @@ def tiny_calibration(args: argparse.Namespace) -> CalibrationSet:
 
 
 def compare(args: argparse.Namespace) -> int:
-    """Both searches on the same calibration set; assert equal plans, print times and the speed-up."""
+    """Both searches on the same calibration set; assert equal plans; print the work and wall ratios."""
     torch.set_num_threads(args.threads)
     calib = tiny_calibration(args)
-    print(f"tiny T5: {args.layers} blocks ({2 * args.layers} units), d_model {args.d_model}, d_ff {args.d_ff}, "
-          f"unit spread {args.spread} decades; "
+    units = 2 * args.layers
+    print(f"tiny T5: {args.layers} blocks ({units} units, {default_rounds(units)} rounds), d_model {args.d_model}, "
+          f"d_ff {args.d_ff}, unit spread {args.spread} decades; "
           f"{len(calib.prompts)} prompts + null, {args.max_length} tokens; metric {args.metric}, "
           f"token_mask {args.token_mask}; k={args.beam_width}; targets {args.sparsity}; "
           f"torch threads {args.threads}; beam states kept up to {args.state_cache_gib} GiB "
-          f"({calib.state_bytes() * (2 * args.layers + 1) / 2 ** 20:.1f} MiB per beam)")
+          f"({calib.state_bytes() * (units + 1) / 2 ** 20:.1f} MiB per beam)")
     runs: dict[bool, dict[str, Any]] = {}
     for cached in (False, True):
         method = Skrr(beam_width=args.beam_width, reuse=not args.no_reuse, prefix_cache=cached,
@@ -112,8 +120,8 @@ def compare(args: argparse.Namespace) -> int:
         runs[cached] = {"plans": plans, "seconds": seconds, "tokens": calib.stats.token_evals,
                         "evals": calib.stats.plans, "abandoned": calib.stats.abandoned}
         name = "prefix_cache=True " if cached else "prefix_cache=False"
-        print(f"{name}: {seconds:8.2f} s  {calib.stats.plans:6d} candidates scored "
-              f"({calib.stats.abandoned} abandoned early)  {calib.stats.token_evals / 1e6:9.2f} M token-evals")
+        print(f"{name}: {calib.stats.token_evals / 1e6:9.2f} M token-evals  {seconds:8.2f} s  "
+              f"{calib.stats.plans:6d} candidates scored ({calib.stats.abandoned} abandoned early)")
     for s in args.sparsity:
         a, b = runs[True]["plans"][s], runs[False]["plans"][s]
         _require(a == b, f"plans differ at {s}: {a.summary()} vs {b.summary()}")
@@ -126,9 +134,61 @@ def compare(args: argparse.Namespace) -> int:
         same = "identical" if gap == 0 else f"equal to {gap:.1e} relative (float rounding)"
         print(f"target {s}: identical plans -> {a.summary()}; best D of each of {sa['rounds']} rounds: {same}")
     naive, fast = runs[False], runs[True]
-    print(f"speed-up: {naive['seconds'] / fast['seconds']:.1f}x wall clock, "
-          f"{naive['tokens'] / max(fast['tokens'], 1):.1f}x fewer token-evals")
+    print(f"speed-up: {naive['tokens'] / max(fast['tokens'], 1):.1f}x fewer encoder token-evaluations "
+          f"(hardware-independent); {naive['seconds'] / fast['seconds']:.1f}x wall clock "
+          f"({naive['seconds']:.1f} s vs {fast['seconds']:.1f} s)")
+    rows = max(1, args.max_tokens // args.max_length)
+    old, new = scoring_peak(calib, rows)
+    print(f"scoring peak, {rows} stacked candidate-prompts ({args.max_tokens} tokens, one module call): "
+          f"{_mib(new)} row_errors vs {_mib(old)} with whole-tensor float32/float64 copies")
     return 0
+
+
+def scoring_peak(calib: CalibrationSet, rows: int) -> tuple[int | None, int | None]:
+    """Peak memory (bytes above the inputs) of the per-prompt error sums of ``rows`` stacked candidate-prompts
+    [rows, L, features] against the dense features: the whole-tensor formula, then ``calib.row_errors``.
+    CUDA: the allocator's peak; CPU: the process's resident high-water mark (Linux), None elsewhere."""
+    ref = calib.dense[0][:1]
+    dense = ref.expand(rows, *ref.shape[1:]).contiguous()
+    pruned = dense + 0.01 * torch.randn_like(dense)
+    mask = calib.batches[0].attention_mask[:1].expand(rows, -1)
+
+    def whole() -> torch.Tensor:
+        d, p = dense.float(), pruned.float()
+        err = (d - p).pow(2)
+        if calib.token_mask:
+            err = err * mask.unsqueeze(-1).to(err.dtype)
+        return err.double().sum(dim=(-2, -1))
+
+    peaks = [_peak(whole, dense.device), _peak(lambda: calib.row_errors(dense, pruned, mask)[0], dense.device)]
+    return peaks[0], peaks[1]
+
+
+def _peak(fn: Any, device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current resident size
+            f.write("5")
+        base = _status("VmRSS")
+        fn()
+        return _status("VmHWM") - base
+    except OSError:
+        return None
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2 ** 20:.0f} MiB"
 
 
 def _require(ok: bool, message: str) -> None:
@@ -186,7 +246,7 @@ def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, de
     _sync(device)
     dense_s = time.perf_counter() - start
     n_units, k = 2 * cfg.num_layers, args.beam_width
-    rounds = min(24, n_units)  # the paper ran 24 rounds
+    rounds = default_rounds(n_units)  # the paper ran 24 rounds (half the units)
     scale = 1000 / args.prompts
     print(f"T5-v1.1-XXL shapes (d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, {cfg.num_layers} "
           f"blocks), bf16, {device}; {args.prompts} prompts x {args.max_length} tokens + null; "
@@ -212,12 +272,24 @@ def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, de
     gib = args.state_cache_gib if need_1k <= args.state_cache_gib else 0.0
     print(f"beam hidden states: {per_beam:.2f} GiB per beam here, {2 * k} beams at 1k prompts need {need_1k:.0f} "
           f"GiB: {'kept across rounds' if gib else 'not kept (over --state-cache-gib)'}")
+    calib.stats = ScoreStats()
     result = skip_phase(calib, k, max_rounds=args.rounds, prefix_cache=True, progress=args.progress,
                         max_tokens=args.max_tokens, state_cache_gib=gib)
     for r, (sec, cands) in enumerate(zip(result.round_seconds, result.candidates), start=1):
         print(f"round {r}: {sec:.1f} s for {cands} candidates x {args.prompts} prompts "
               f"({sec / cands:.3f} s per candidate; straightforward {naive_eval:.3f} s)"
               + (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device != "cpu" else ""))
+    # Work of the timed rounds against the straightforward search's: each of its candidates in round r runs
+    # the units - r kept units over every prompt and ∅.
+    tokens = sum(b.input_ids.numel() for b in calib.batches) + calib.null_batch.input_ids.numel()
+    naive_tokens = sum(c * (n_units - r) * tokens for r, c in enumerate(result.candidates, start=1))
+    print(f"rounds 1-{len(result.candidates)}: {naive_tokens / max(calib.stats.token_evals, 1):.1f}x fewer encoder "
+          f"token-evaluations than the straightforward search ({calib.stats.token_evals / 1e9:.2f} G vs "
+          f"{naive_tokens / 1e9:.2f} G)")
+    rows = max(1, args.max_tokens // args.max_length)
+    old, new = scoring_peak(calib, rows)
+    print(f"scoring peak, {rows} stacked candidate-prompts ({args.max_tokens} tokens, one module call): "
+          f"{_mib(new)} row_errors vs {_mib(old)} with whole-tensor float32/float64 copies")
     # Extrapolate: a round costs ~ candidates x mean suffix ~ (units left)^2; the last timed round sets the
     # rate (with its share of abandoned candidates), prompts scale linearly.
     last = len(result.round_seconds)
@@ -244,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         args.prompts, args.max_length = args.prompts or 64, args.max_length or 300
         return paper_scale(args)
-    args.prompts, args.max_length = args.prompts or 8, args.max_length or 64
+    args.prompts, args.max_length = args.prompts or 8, args.max_length or 32
+    args.d_ff = args.d_ff or 2 * args.d_model
     return compare(args)
 
 

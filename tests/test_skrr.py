@@ -372,9 +372,11 @@ def load_bench(monkeypatch):
 
 def test_bench_compares_both_searches(capsys, monkeypatch):
     bench = load_bench(monkeypatch)
-    assert bench.main(["--layers", "3", "--prompts", "2", "--max-length", "16", "--sparsity", "0.3"]) == 0
+    assert bench.main(["--layers", "3", "--d-model", "32", "--prompts", "2", "--max-length", "16",
+                       "--sparsity", "0.3"]) == 0
     out = capsys.readouterr().out
-    assert "identical plans" in out and "speed-up:" in out
+    assert "identical plans" in out and "fewer encoder token-evaluations" in out and "wall clock" in out
+    assert "scoring peak" in out
 
 
 def test_bench_paper_scale_path_runs_on_small_shapes(capsys, monkeypatch):
@@ -385,3 +387,4 @@ def test_bench_paper_scale_path_runs_on_small_shapes(capsys, monkeypatch):
     assert bench.paper_scale(args, arch, device="cpu") == 0
     out = capsys.readouterr().out
     assert "round 2:" in out and "estimated 1k prompts" in out and "kept across rounds" in out
+    assert "rounds 1-2:" in out and "token-evaluations" in out and "scoring peak" in out

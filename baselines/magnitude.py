@@ -28,7 +28,7 @@ from skrr.families import family_of
 from skrr.interface import PruningMethod, SparsityError, check_sparsity
 from skrr.io import atomic_write_bytes
 from skrr.plan import PlanError, PruningPlan
-from skrr.surgery import count_params
+from skrr.surgery import count_params, signature
 
 if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
@@ -160,7 +160,7 @@ def apply(encoder: nn.Module, plan: PruningPlan, inplace: bool = True) -> nn.Mod
     """The encoder with a magnitude plan's weights zeroed (in place by default: no second copy of 4.7 B weights)."""
     if "magnitude" not in plan.meta:
         raise PlanError("not a magnitude plan (no meta['magnitude']); apply it with skrr.apply_plan")
-    plan.validate(encoder)
+    plan.validate(signature(encoder))
     want = plan.meta["magnitude"]
     if not inplace:
         import copy

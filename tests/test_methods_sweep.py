@@ -12,7 +12,7 @@ from skrr.families import family_of
 from skrr.interface import SPARSITY_TOLERANCE
 from skrr.pipelines import PipelineSpec, load_text_encoder
 from skrr.experiments.search import search_plans
-from skrr.surgery import count_params, realized_sparsity
+from skrr.surgery import count_params, realized_sparsity, signature
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Tiny pipeline: 6 T5 blocks; one block is 15.4 % of the encoder, one FFN 9.2 %, one attention 6.2 %.
@@ -51,7 +51,7 @@ def test_every_method_gives_valid_deterministic_plans(name, tmp_path):
     for s, plan in runs[0].items():
         again = runs[1][s]
         assert plan == again and untimed(plan.meta) == untimed(again.meta), f"{name} at {s} is not deterministic"
-        plan.validate(encoder)
+        plan.validate(signature(encoder))
         assert plan.granularity in family_of(encoder).granularities
         assert plan.meta["target_sparsity"] == pytest.approx(s)
         realized = plan.meta["realized_sparsity"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from baselines import base_meta
 from skrr.families import family_of
-from skrr.interface import PruningMethod, SparsityError, check_sparsity
+from skrr.interface import PruningMethod, SparsityError, check_sparsity, register_method
 from skrr.io import atomic_write_bytes
 from skrr.plan import PlanError, PruningPlan
 from skrr.surgery import count_params, signature
@@ -218,6 +218,7 @@ def load_sparse(encoder: nn.Module, path: str | Path) -> nn.Module:
     return encoder
 
 
+@register_method
 class Magnitude(PruningMethod):
     """Unstructured |w| pruning of the encoder's linear weights; the plan carries the rule, not skips."""
 

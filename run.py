@@ -4,7 +4,7 @@
     python run.py pipeline=tiny method=skrr sparsity=0.3           # offline, seconds
     python run.py -m experiment=table1 hydra/launcher=submitit_slurm +launcher=slurm
 
-Outputs go to ``<paths.results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/`` (skrr/store.py);
+Outputs go to ``<paths.results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/`` (skrr/experiments/store.py);
 finished stages are skipped on a rerun. Bad input ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations

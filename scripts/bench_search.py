@@ -1,7 +1,8 @@
 """Skrr search: prefix-cached vs straightforward, side by side on the same inputs (issues 3 and 12).
 
     python scripts/bench_search.py                      # tiny 12-block T5 (d_model 256) on CPU, both searches, same plan
-    python scripts/bench_search.py --layers 24 --d-model 64 --prompts 64   # the paper's 48 units and 24 rounds
+    python scripts/bench_search.py --layers 24 --d-model 32 --prompts 64   # the paper's 48 units and 24 rounds
+    python scripts/bench_search.py --layers 24 --d-model 32 --prompts 64 --work-only   # the same work ratio, fast
     python scripts/bench_search.py --paper-scale        # T5-v1.1-XXL shapes, random weights, GPU: cost estimate
 
 The default run builds a tiny-but-deep T5 (12 blocks = 24 units, d_model 256: compute-bound, so the wall
@@ -11,7 +12,9 @@ skrr/data/calib_prompts.txt, runs Skrr with ``prefix_cache=False`` (one full for
 same plans with the same scores and leads with the ratio of encoder token-evaluations (rows x tokens over all
 module calls: hardware-independent), with the wall-clock ratio beside it. It ends with the memory peak of
 scoring one module call's worth of stacked candidates: ``CalibrationSet.row_errors`` vs the same sums on
-whole-tensor float32/float64 copies.
+whole-tensor float32/float64 copies. ``--work-only`` runs the fast search alone and counts the straightforward
+search's token-evaluations by its closed form (each candidate runs its kept units over every prompt and ∅),
+which every side-by-side run checks against the measured count.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 from skrr.calib import DEFAULT_PROMPTS, MAX_TOKENS, CalibrationSet, ScoreStats, load_prompts  # noqa: E402
-from skrr.method import STATE_CACHE_GIB, Skrr, default_rounds, skip_phase  # noqa: E402
+from skrr.method import STATE_CACHE_GIB, Beam, Skrr, default_rounds, expand, skip_phase  # noqa: E402
 
 log = logging.getLogger("bench_search")
 
@@ -62,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="memory for beam hidden states kept across rounds (0: recompute each beam's prefix)")
     p.add_argument("--rounds", type=int, default=2, help="paper-scale: Skip rounds to time")
     p.add_argument("--naive-evals", type=int, default=3, help="paper-scale: straightforward evaluations to time")
+    p.add_argument("--work-only", action="store_true",
+                   help="run the fast search only and count the straightforward search's token-evaluations by "
+                        "its closed form (checked against the measured count in every side-by-side run)")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -110,7 +116,7 @@ def compare(args: argparse.Namespace) -> int:
           f"torch threads {args.threads}; beam states kept up to {args.state_cache_gib} GiB "
           f"({calib.state_bytes() * (units + 1) / 2 ** 20:.1f} MiB per beam)")
     runs: dict[bool, dict[str, Any]] = {}
-    for cached in (False, True):
+    for cached in ((True,) if args.work_only else (False, True)):
         method = Skrr(beam_width=args.beam_width, reuse=not args.no_reuse, prefix_cache=cached,
                       progress=args.progress, max_tokens=args.max_tokens, state_cache_gib=args.state_cache_gib)
         calib.stats = ScoreStats()
@@ -122,6 +128,13 @@ def compare(args: argparse.Namespace) -> int:
         name = "prefix_cache=True " if cached else "prefix_cache=False"
         print(f"{name}: {calib.stats.token_evals / 1e6:9.2f} M token-evals  {seconds:8.2f} s  "
               f"{calib.stats.plans:6d} candidates scored ({calib.stats.abandoned} abandoned early)")
+    counted = straightforward_tokens(calib, runs[True]["plans"])
+    if args.work_only:
+        print(f"straightforward search (closed form, not run): {counted / 1e6:9.2f} M token-evals; "
+              f"{counted / max(runs[True]['tokens'], 1):.1f}x fewer encoder token-evaluations (hardware-independent)")
+        return 0
+    # The closed form is what --work-only reports: check it against the count of the search that ran.
+    _require(counted == runs[False]["tokens"], f"closed-form count {counted} != measured {runs[False]['tokens']}")
     for s in args.sparsity:
         a, b = runs[True]["plans"][s], runs[False]["plans"][s]
         _require(a == b, f"plans differ at {s}: {a.summary()} vs {b.summary()}")
@@ -142,6 +155,30 @@ def compare(args: argparse.Namespace) -> int:
     print(f"scoring peak, {rows} stacked candidate-prompts ({args.max_tokens} tokens, one module call): "
           f"{_mib(new)} row_errors vs {_mib(old)} with whole-tensor float32/float64 copies")
     return 0
+
+
+def straightforward_tokens(calib: CalibrationSet, plans: dict[float, Any]) -> int:
+    """Token-evaluations of the straightforward search (one full forward per candidate, over every prompt and
+    ∅) that returns ``plans``: each candidate runs its kept units; Skip rounds from the recorded beams, then
+    the Re-use phase of each target from its recorded steps."""
+    tokens = sum(b.input_ids.numel() for b in calib.batches)
+    tokens += calib.null_batch.input_ids.numel() if calib.null_prompt else 0
+    n = calib.identity.num_positions
+    meta = next(iter(plans.values())).meta
+    total, beams = 0, [Beam((), 0.0)]
+    for round_beams in meta["search"]["beams"]:
+        total += sum(n - len(o) for o in expand(beams, n, meta["settings"]["merge_same_set"]))
+        beams = [Beam(tuple(b["order"]), b["score"]) for b in round_beams]
+    for plan in plans.values():
+        if "reuse" not in plan.meta:
+            continue
+        skipped = plan.meta["prefix"]
+        total += n - skipped  # D of the skip plan
+        for step in plan.meta["reuse"]["steps"]:
+            options = (step["left"] is not None) + (step["right"] is not None)
+            total += options * (n - skipped + 1)  # a variant runs one more unit
+            skipped -= step["choice"] != "skip"
+    return total * tokens
 
 
 def scoring_peak(calib: CalibrationSet, rows: int) -> tuple[int | None, int | None]:

@@ -378,6 +378,11 @@ def test_bench_compares_both_searches(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "identical plans" in out and "fewer encoder token-evaluations" in out and "wall clock" in out
     assert "scoring peak" in out
+    # --work-only reports the closed-form count, which the side-by-side run above checked against the measured one.
+    assert bench.main(["--layers", "3", "--d-model", "32", "--prompts", "2", "--max-length", "16",
+                       "--sparsity", "0.3", "--work-only"]) == 0
+    out = capsys.readouterr().out
+    assert "closed form, not run" in out and "prefix_cache=False" not in out
 
 
 def test_bench_paper_scale_path_runs_on_small_shapes(capsys, monkeypatch):

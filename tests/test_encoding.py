@@ -87,6 +87,9 @@ def test_dense_features_are_what_the_denoiser_receives(kind):
     cfg, spec, pipe, calib = kind
     want = denoiser_features(pipe, spec, cfg, PROMPTS)
     torch.testing.assert_close(calib_features(calib), want, rtol=0, atol=1e-6)
+    with torch.no_grad():  # PromptEncoding.encode: the encoder called as the pipeline calls it
+        direct = calib.features(spec.encoding.encode(calib.encoder, calib.tokenizer, PROMPTS))
+    torch.testing.assert_close(direct, want, rtol=0, atol=1e-6)
     # ∅ is the empty prompt encoded the same way
     torch.testing.assert_close(calib.dense_null[0], want[1], rtol=0, atol=1e-6)
 

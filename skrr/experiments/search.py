@@ -32,7 +32,7 @@ def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, s
     prompts = sample_prompts(load_prompts(path, c.column), c.num_calib_prompts, c.seed)
     log.info("calibration: %d prompts from %s (hash %s)", len(prompts), path, prompt_hash(prompts))
     projection = load_caption_projection(spec, device) if c.use_projection else None
-    return CalibrationSet(encoder, tokenizer, prompts, projection, max_length=spec.max_sequence_length,
+    return CalibrationSet(encoder, tokenizer, prompts, projection, encoding=spec.encoding,
                           metric=c.metric, use_projection=c.use_projection, null_prompt=c.null_prompt,
                           token_mask=c.token_mask, batch_size=c.batch_size, granularity=granularity,
                           device=device)
@@ -49,7 +49,9 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
     # The targets are not part of the key: every method's plan at s is independent of the other targets
     # (Skrr runs a fixed number of rounds, the baselines take prefixes of one order), so one cached record
     # serves every sweep and grows by the targets it was not yet asked for.
-    key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.max_sequence_length}",
+    # The pipeline (its caption projection) and how it encodes prompts change D, hence the plans.
+    encoding = ",".join(f"{k}={v}" for k, v in spec.encoding.describe().items())
+    key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.kind}|{spec.model_id}|{encoding}",
                     calib_cfg, {"name": name, **_jsonable(method.settings())})
     path = cache.path(sig.model_id or sig.arch, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,7 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
                 found = {s: identity_plan(encoder).with_meta(target_sparsity=0.0, realized_sparsity=0.0)
                          for s in missing}
             elif not method.needs_calibration:  # weights only: skip encoding 1k prompts
-                calib = CalibrationSet(encoder, tokenizer, [""], None, max_length=spec.max_sequence_length,
+                calib = CalibrationSet(encoder, tokenizer, [""], None, encoding=spec.encoding,
                                        use_projection=False, null_prompt=False, device=device,
                                        granularity=_granularity(method, encoder))
                 found = method.search_many(calib, missing)

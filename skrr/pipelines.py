@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from skrr.plan import PlanError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -72,6 +74,8 @@ def _hub_call(spec: PipelineSpec, what: str, fn: Callable[[], Any]) -> Any:
     """Run a from_pretrained call; turn 'not downloadable / not cached' into one clear line."""
     try:
         return fn()
+    except PlanError:
+        raise  # a plan of another encoder is not a download problem
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = "a local folder" if Path(spec.model_id).exists() else "the Hugging Face cache"
@@ -162,6 +166,38 @@ def load_text_encoder(spec: PipelineSpec, device: str | torch.device = "cpu") ->
     tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
         spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
     return encoder.eval().to(device), tokenizer
+
+
+def load_pruned_text_encoder(spec: PipelineSpec, plan: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """The plan's pruned T5 text encoder and tokenizer, reading only the kept tensors of the dense checkpoint.
+
+    The dense encoder never exists in memory or on the device: a meta skeleton gets the plan, then each kept
+    tensor is read from the (local or cached, sharded or not) safetensors files, cast to the pipeline dtype
+    and put on ``device`` (skrr.export.load_pruned_from_dense). Tiny pipelines have no checkpoint: their
+    encoder is built in memory and pruned with apply_plan.
+    """
+    from skrr.surgery import apply_plan
+
+    if spec.kind == "tiny":
+        encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)
+        return apply_plan(encoder, plan, inplace=True).to(device), tokenizer
+    from transformers import AutoTokenizer
+
+    from skrr.export import ExportError, load_pruned_from_dense
+
+    sub = KINDS[spec.kind]
+
+    def load() -> nn.Module:
+        try:
+            return load_pruned_from_dense(spec.model_id, plan, spec.torch_dtype, device, sub["text_encoder"],
+                                          spec.revision)
+        except ExportError as err:  # a checkpoint that is there but unusable: its own one-line reason
+            raise ModelUnavailableError(f"cannot load the text encoder of {spec.model_id!r}: {err}") from err
+
+    encoder = _hub_call(spec, "text encoder", load)
+    tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
+        spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
+    return encoder, tokenizer
 
 
 def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cpu") -> nn.Module:

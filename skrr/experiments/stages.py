@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from skrr.interface import PruningMethod
 from skrr.io import atomic_write_text
-from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_text_encoder, text_encoder_of
+from skrr.pipelines import (PipelineSpec, load_pipeline, load_pruned_text_encoder, load_text_encoder,
+                            set_text_encoder, text_encoder_of)
 from skrr.plan import PruningPlan
 from skrr.experiments.search import search_plans
 from skrr.experiments.store import Cell, CellStore
@@ -55,6 +56,12 @@ def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device)
     """The pipeline with its T5 (or tiny) text encoder replaced by the plan's physically smaller one."""
     from baselines import changes_encoder, prune_encoder  # apply_plan, or magnitude's zeroed weights
 
+    if changes_encoder(plan) and not plan.merged and "magnitude" not in plan.meta:
+        # Skip / re-use plans: read only the kept tensors of the dense checkpoint, cast each one, straight
+        # to the device (the dense encoder never exists); the pipeline then loads without its text encoder.
+        encoder, _ = load_pruned_text_encoder(spec, plan, device)
+        return load_pipeline(spec, device, text_encoder=encoder)
+    # LaCo merges compute new weights and magnitude zeroes inside tensors: both need the dense encoder.
     pipe = load_pipeline(spec, device)
     if changes_encoder(plan):
         encoder = text_encoder_of(pipe, spec)

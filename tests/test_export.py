@@ -168,6 +168,17 @@ def test_lean_load_reads_only_kept_tensors_of_a_sharded_checkpoint(dense_folder,
     assert len(read) == len(set(read))  # the re-used FFN and the tied embedding are read once
 
 
+def test_only_shards_holding_kept_tensors_are_fetched(dense_folder):
+    from skrr.export import checkpoint_files
+
+    folder, _ = dense_folder
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 2
+    wanted = {k for k, f in weight_map.items() if f == shards[1]}
+    assert [Path(p).name for p in checkpoint_files(folder, wanted)] == [shards[1]]
+
+
 def test_export_from_a_dense_checkpoint_then_load_without_it(dense_folder, tmp_path):
     folder, dense = dense_folder
     plan = t5_plan(dense)
@@ -197,9 +208,13 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
     with pytest.raises(ExportError, match="not a skrr export"):
         load_pruned(tmp_path / "busy")
     out = export_pruned(dense, plan, tmp_path / "enc")
-    export_pruned(dense, identity_plan(dense).with_slots({4: None}), tmp_path / "other-plan")
-    shutil.copy(tmp_path / "other-plan" / "plan.json", out / "plan.json")  # weights of another plan
-    with pytest.raises(ExportError, match="do not belong together|has no tensor"):
+    export_pruned(dense, identity_plan(dense).with_slots({6: None, 7: None}), tmp_path / "less")
+    shutil.copy(out / "plan.json", tmp_path / "less" / "plan.json")  # a plan that uses fewer tensors
+    with pytest.raises(ExportError, match="do not belong together"):
+        load_pruned(tmp_path / "less")
+    export_pruned(dense, identity_plan(dense).with_slots({6: None, 7: None}), tmp_path / "less", overwrite=True)
+    shutil.copy(tmp_path / "less" / "plan.json", out / "plan.json")  # a plan that needs more tensors
+    with pytest.raises(ExportError, match="has no tensor"):
         load_pruned(out)
 
 
@@ -265,3 +280,26 @@ def test_export_script_from_a_cell_folder(tmp_path, capsys):
     assert torch.equal(outputs(load_pruned(tmp_path / "enc"), ids, mask), outputs(apply_plan(enc, plan), ids, mask))
     code, _, err = run_script(["--cell", tmp_path / "nocell", "--out", tmp_path / "enc3"], capsys)
     assert code == 2 and "not a finished cell folder" in err
+
+
+def test_the_run_path_builds_the_pruned_pipeline_without_the_dense_encoder(tmp_path, monkeypatch):
+    from transformers import T5EncoderModel
+
+    from skrr.experiments.stages import pruned_pipeline
+    from skrr.pipelines import PipelineSpec, build_tiny_pipeline, load_text_encoder
+
+    build_tiny_pipeline("t5").save_pretrained(tmp_path / "pipe")
+    spec = PipelineSpec(name="p", kind="pixart_sigma", model_id=str(tmp_path / "pipe"), dtype="bfloat16")
+    dense, _ = load_text_encoder(spec)
+    plan = identity_plan(dense).with_slots({2: None, 7: Slot(5, "ffn"), 9: None})
+    reference = apply_plan(dense, plan)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense text encoder was loaded")
+
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(refuse))
+    pipe = pruned_pipeline(spec, plan, torch.device("cpu"))
+    assert pipe.text_encoder.pruning_plan == plan
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
+    ids, mask = ids_for(dense)
+    assert torch.equal(outputs(pipe.text_encoder, ids, mask), outputs(reference, ids, mask))

@@ -250,12 +250,22 @@ def export_pruned(encoder: nn.Module, plan: PruningPlan | None, out_dir: str | P
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(plan, manifest, info or {}))
+        _share(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s: %d params, %.1f MB in %s", plan.summary(), params, nbytes / 1e6, out)
     return out
+
+
+def _share(folder: Path) -> None:
+    """Usual permissions (umask) instead of the private ones of temporary files: the folder is for sharing."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -73,10 +73,20 @@ class TensorFiles:
     def __init__(self, paths: Iterable[str | Path]):
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict[str, str] = {}
+        self._buffers: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
         for p in paths:
             entries, meta = read_header(p)
             self.entries.update(entries)
             self.metadata.update(meta)
+
+    def _scratch(self, dtype: torch.dtype, numel: int, pinned: bool) -> torch.Tensor:
+        # One buffer for all reads: a fresh 16 MiB allocation per tensor lets glibc's heap grow (its mmap
+        # threshold adapts upwards) and keep the freed memory, which showed as +0.2 GB peak in bench_load.
+        key = (dtype, pinned)
+        if key not in self._buffers:
+            buf = torch.empty(numel, dtype=dtype)
+            self._buffers[key] = buf.pin_memory() if pinned else buf
+        return self._buffers[key]
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -94,9 +104,7 @@ class TensorFiles:
             _pread_into(e.path, e.start, memoryview(flat.view(torch.uint8).numpy()))  # no scratch at all
             return out
         per_chunk = max(1, CHUNK_BYTES // itemsize)
-        scratch = torch.empty(min(per_chunk, flat.numel()), dtype=e.dtype)
-        if flat.device.type == "cuda":
-            scratch = scratch.pin_memory()
+        scratch = self._scratch(e.dtype, per_chunk, pinned=flat.device.type == "cuda")
         done = 0
         while done < flat.numel():
             k = min(per_chunk, flat.numel() - done)

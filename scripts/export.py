@@ -37,6 +37,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--revision", help="hub revision of --model-id")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the kept weights (default: "
                    "as stored, or the cell's pipeline dtype)")
+    p.add_argument("--quantize", choices=["none", "int8", "fp8", "nf4"], default="none",
+                   help="weight-only quantization that load_pruned applies (skrr/quantize.py; nf4 CUDA only)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this hub model repo")
@@ -104,6 +106,7 @@ def main(argv: list[str]) -> int:
     from skrr.experiments.store import StoreError
     from skrr.pipelines import ModelUnavailableError
     from skrr.plan import PlanError
+    from skrr.quantize import QuantizeError
     from skrr.tensorfile import TensorFileError
 
     try:
@@ -111,14 +114,16 @@ def main(argv: list[str]) -> int:
         info["command"] = shlex.join(["python", "scripts/export.py", *argv])
         if info.get("run"):
             info["command"] = info.pop("run") + "\n" + info["command"]
-        out = export_pruned(encoder, None, args.out, tokenizer=tokenizer, info=info, overwrite=args.overwrite)
+        out = export_pruned(encoder, None, args.out, tokenizer=tokenizer, info=info, overwrite=args.overwrite,
+                            quantize=args.quantize)
         manifest = json.loads((out / "skrr_pruned.json").read_text())
         print(f"{out}: {manifest['summary']}; {manifest['params']:,} params of {manifest['dense_params']:,}, "
               f"{manifest['bytes'] / 1e6:.1f} MB ({manifest['dtype']}); in a diffusers pipeline folder it is "
               f"the {info['component']}/ component")
         if args.push_to_hub:
             print(f"pushed: {push_to_hub(out, args.push_to_hub, private=args.private)}")
-    except (ExportError, PlanError, StoreError, ModelUnavailableError, TensorFileError, OSError) as err:
+    except (ExportError, PlanError, QuantizeError, StoreError, ModelUnavailableError, TensorFileError,
+            OSError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
     return 0

@@ -193,18 +193,26 @@ def _set_identity(config: Any, plan: PruningPlan) -> None:
 
 # ----------------------------------------------------------------------------------------------- export
 def export_pruned(encoder: nn.Module, plan: PruningPlan | None, out_dir: str | Path, tokenizer: Any = None,
-                  info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                  info: dict[str, Any] | None = None, overwrite: bool = False, quantize: str | None = None) -> Path:
     """Write the pruned encoder as a self-contained folder (kept weights only); returns the folder.
 
     ``encoder`` is the dense encoder (the plan is applied here) or one that ``apply_plan`` returned
     (``plan`` may then be None). ``info`` adds to the model card: ``metrics`` (name -> value), ``command``,
-    ``component`` (the pipeline folder it replaces, e.g. ``text_encoder_3`` for SD3).
+    ``component`` (the pipeline folder it replaces, e.g. ``text_encoder_3`` for SD3). ``quantize``
+    (int8|fp8|nf4, skrr.quantize) is recorded and applied by ``load_pruned`` on the loading device; the file
+    keeps the unquantized kept weights, so one export serves every device and library version.
     Nothing is left behind on failure: the folder is written under a temporary name and renamed.
     """
+    from skrr.quantize import check_mode
+
+    quantize = check_mode(quantize, "cuda")  # nf4 is checked against the device when loading
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or choose another "
                           f"folder")
+    if getattr(encoder, "skrr_quantize", "none") != "none":
+        raise ExportError("the encoder is already quantized; export the unquantized one with quantize=... "
+                          "(the folder keeps full weights, load_pruned quantizes them on the device)")
     own = getattr(encoder, "pruning_plan", None)
     if own is not None:
         if plan is not None and plan != own:
@@ -236,7 +244,7 @@ def export_pruned(encoder: nn.Module, plan: PruningPlan | None, out_dir: str | P
         "plan": PLAN_NAME, "plan_fingerprint": plan.fingerprint(), "summary": plan.summary(),
         "params": params, "dense_params": dense_params, "bytes": nbytes, "tensors": len(tensors),
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
-        "load": "skrr.load_pruned(<this folder or hub id>)",
+        "quantize": quantize, "load": "skrr.load_pruned(<this folder or hub id>)",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -329,6 +337,7 @@ def model_card(plan: PruningPlan, manifest: dict[str, Any], info: dict[str, Any]
         f"| realized sparsity | {pct(meta.get('realized_sparsity'))} |",
         f"| parameters | {manifest['params']:,} (dense {manifest['dense_params']:,}) |",
         f"| bytes of weights | {manifest['bytes']:,} ({_human(manifest['bytes'])}, {manifest['dtype']}) |",
+        f"| quantization at load | {manifest.get('quantize', 'none')} (skrr.quantize; weights stored unquantized) |",
         f"| plan fingerprint | `{manifest['plan_fingerprint']}` |", "",
     ]
     metrics = info.get("metrics") or {}
@@ -373,11 +382,13 @@ def _resolve_export(path_or_hub_id: str | Path, revision: str | None) -> Path:
 
 
 def load_pruned(path_or_hub_id: str | Path, torch_dtype: torch.dtype | str | None = None,
-                device: str | torch.device = "cpu", revision: str | None = None) -> nn.Module:
+                device: str | torch.device = "cpu", revision: str | None = None,
+                quantize: str | None = None) -> nn.Module:
     """The encoder of an export folder (local or hub), never building the dense one.
 
     Returns the class ``apply_plan`` returns, with ``.pruning_plan``. ``torch_dtype`` None keeps the stored
-    dtype; each tensor is cast on its own and put straight on ``device``.
+    dtype; each tensor is cast on its own and put straight on ``device``. ``quantize`` (none|int8|fp8|nf4)
+    overrides the export's setting.
     """
     folder = _resolve_export(path_or_hub_id, revision)
     manifest_path = folder / MANIFEST_NAME
@@ -396,7 +407,10 @@ def load_pruned(path_or_hub_id: str | Path, torch_dtype: torch.dtype | str | Non
     _set_identity(config, plan)
     model, mapping, _ = pruned_skeleton(manifest["class"], config, plan, manifest.get("init_kwargs"))
     files = TensorFiles([folder / manifest.get("weights", WEIGHTS_NAME)])
-    return materialize(model, mapping, files, _dtype(torch_dtype), device, strict=True, where=str(folder))
+    model = materialize(model, mapping, files, _dtype(torch_dtype), device, strict=True, where=str(folder))
+    from skrr.quantize import quantize_encoder
+
+    return quantize_encoder(model, quantize or manifest.get("quantize", "none"), device)
 
 
 def checkpoint_files(model_id: str | Path, needed: set[str], subfolder: str = "", revision: str | None = None,

@@ -81,3 +81,26 @@ def test_bad_modes_are_one_line():
         quantize_encoder(dense, "int4")
     with pytest.raises(Exception, match="already quantized"):
         export_pruned(quantize_encoder(tiny_t5(num_layers=2), "int8"), None, "/nonexistent/x")
+
+
+@pytest.mark.slow
+def test_demo_shipping_report_on_real_minilm(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import demo
+
+    from skrr.pipelines import tiny_text_encoder
+
+    enc, _ = tiny_text_encoder("minilm")
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    identity_plan(enc).with_slots({1: None, 4: None}).to_json(cell / "plan.json")
+    lines = demo.shipping_report(cell, tmp_path / "exports" / "minilm")
+    rows = {line.split()[0] if "+" not in line else "Skrr + int8": line.split()[-3:] for line in lines[2:]}
+    mb = {k: float(v[0]) for k, v in rows.items()}
+    fid = {k: float(v[2]) for k, v in rows.items()}
+    assert mb["dense"] > mb["Skrr"] > mb["Skrr + int8"] and mb["dense"] > mb["int8"] > mb["Skrr + int8"]
+    assert fid["dense"] == 1.0 and 0.99 < fid["int8"] < 1.0 and fid["Skrr"] < 1.0
+    assert (tmp_path / "exports" / "minilm" / "skrr_pruned.safetensors").exists()

@@ -222,7 +222,7 @@ def export_pruned(encoder: nn.Module, plan: PruningPlan | None, out_dir: str | P
         if plan is None:
             raise PlanError("the encoder is dense and no plan was given; pass the plan to export")
         _check_plan(plan)
-        pruned = apply_plan(encoder, plan.validate(encoder))
+        pruned = apply_plan(encoder, plan)  # validates the plan against this encoder
         plan = pruned.pruning_plan  # with its realized sparsity
     _check_plan(plan)
     cls_name = type(pruned).__name__

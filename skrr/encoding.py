@@ -2,22 +2,19 @@
 
 SPEC §1 trap 3: Skrr's discrepancy must be computed on the features the denoiser actually receives, so the
 calibration set tokenizes and encodes exactly as the pipeline's own ``encode_prompt`` does, and generation
-passes the same length (and caption cleaning) to the pipeline call. Read from diffusers 0.42.1:
+passes the same length (and caption cleaning) to the pipeline call. Read from diffusers 0.42.1
+(``diffusers/pipelines/...``):
 
-======================  ===================================================  =================================
-kind                    diffusers source (``diffusers/pipelines/...``)         T5 call
-======================  ===================================================  =================================
-PixArt-Σ                ``pixart_alpha/pipeline_pixart_sigma.py``              ``text_encoder(ids,
-                        ``PixArtSigmaPipeline.encode_prompt`` (+ ``__call__``:  attention_mask=mask)[0]``; the
-                        ``clean_caption=True`` -> ``_text_preprocessing``)      mask also goes to the denoiser
-SD3                     ``stable_diffusion_3/pipeline_stable_diffusion_3.py``  ``text_encoder_3(ids)[0]``: no
-                        ``StableDiffusion3Pipeline._get_t5_prompt_embeds``      mask; the T5 rows follow CLIP's 77
-FLUX                    ``flux/pipeline_flux.py``                               ``text_encoder_2(ids,
-                        ``FluxPipeline._get_t5_prompt_embeds``                  output_hidden_states=False)[0]``
-SD2 (CLIP text)         ``stable_diffusion/pipeline_stable_diffusion.py``      ``text_encoder(ids, attention_mask
-                        ``StableDiffusionPipeline.encode_prompt``               =None)[0]`` (clip_skip=None): the
-                                                                               final-LN output, 77 positions
-======================  ===================================================  =================================
+- PixArt-Σ, ``pixart_alpha/pipeline_pixart_sigma.py``, ``PixArtSigmaPipeline.encode_prompt``: the caption is
+  cleaned first (``__call__``'s ``clean_caption=True`` -> ``_text_preprocessing``: lower case, no URLs/HTML),
+  then ``text_encoder(ids, attention_mask=mask)[0]``; the mask also goes to the denoiser's cross-attention.
+- SD3, ``stable_diffusion_3/pipeline_stable_diffusion_3.py``, ``StableDiffusion3Pipeline._get_t5_prompt_embeds``:
+  ``text_encoder_3(ids)[0]``, no mask; ``encode_prompt`` puts these rows after CLIP-L/G's 77.
+- FLUX, ``flux/pipeline_flux.py``, ``FluxPipeline._get_t5_prompt_embeds``:
+  ``text_encoder_2(ids, output_hidden_states=False)[0]``, no mask.
+- SD2, ``stable_diffusion/pipeline_stable_diffusion.py``, ``StableDiffusionPipeline.encode_prompt``: its CLIP
+  text encoder, ``text_encoder(ids, attention_mask=None)[0]`` with ``clip_skip=None`` (the output after the final
+  layer norm), 77 positions; the U-Net's cross-attention reads it directly.
 
 All of them tokenize with ``padding="max_length"``, ``max_length=max_sequence_length``, ``truncation=True`` and
 special tokens, and cast the output to the text encoder's dtype. So every prompt has
@@ -25,8 +22,9 @@ special tokens, and cast the output to the text encoder's dtype. So every prompt
 denoiser sees T5's output at every padded position, so there the padded positions are part of what is scored
 and cannot be cut off (``CalibrationSet``). SD2 pads to the tokenizer's ``model_max_length`` (77) and passes a mask
 only when the encoder's config sets ``use_attention_mask`` (SD2's OpenCLIP ViT-H does not); its ``__call__`` has no
-``max_sequence_length`` argument, so the length is the pipeline config's and nothing is passed at generation. Tests compare ``PromptEncoding`` with what each real pipeline
-class hands its denoiser (tests/test_encoding.py), so a diffusers change that this file misses fails there.
+``max_sequence_length`` argument, so the length is the pipeline config's and nothing is passed at generation.
+Tests compare ``PromptEncoding`` with what each real pipeline class hands its denoiser (tests/test_encoding.py,
+tests/test_sd2.py), so a diffusers change that this file misses fails there.
 """
 from __future__ import annotations
 

@@ -87,6 +87,9 @@ def test_dense_features_are_what_the_denoiser_receives(kind):
     cfg, spec, pipe, calib = kind
     want = denoiser_features(pipe, spec, cfg, PROMPTS)
     torch.testing.assert_close(calib_features(calib), want, rtol=0, atol=1e-6)
+    with torch.no_grad():  # PromptEncoding.encode: the encoder called as the pipeline calls it
+        direct = calib.features(spec.encoding.encode(calib.encoder, calib.tokenizer, PROMPTS))
+    torch.testing.assert_close(direct, want, rtol=0, atol=1e-6)
     # ∅ is the empty prompt encoded the same way
     torch.testing.assert_close(calib.dense_null[0], want[1], rtol=0, atol=1e-6)
 
@@ -149,3 +152,18 @@ def test_bad_encoding_settings_are_refused():
     with pytest.raises(ValueError, match="contradicts"):
         CalibrationSet(tiny_t5(num_layers=2), tiny_t5_tokenizer(), ["a"], None, use_projection=False,
                        encoding=PromptEncoding("sd3", 16), max_length=32)
+
+
+def test_tiny_sd3_and_flux_cells_run_every_stage_and_search_on_their_own_encoding(tmp_path):
+    """run.py search -> generate -> score on tiny SD3 and FLUX. The three tiny kinds share one T5, so only the
+    pipeline and its encoding tell their plan-cache entries apart: each gets its own search."""
+    from test_run import run
+
+    for name in ("tiny_sd3", "tiny_flux"):
+        run(f"pipeline={name}", "method=skrr", "sparsity=0.1", "calib.num_calib_prompts=4", "eval=offline",
+            "~eval.fid", "~eval.dreamsim", "~eval.cost", "eval.clip.prompts.samples_per_prompt=1", results=tmp_path)
+        cell = tmp_path / f"runs/{name}/skrr/s0.100/seed0"
+        assert (cell / "plan.json").is_file()
+        assert len((cell / "images/tiny/manifest.jsonl").read_text().splitlines()) > 0
+        assert (cell / "metrics/clip.json").is_file()
+    assert len(list((tmp_path / "plans").rglob("skrr-*.json"))) == 2

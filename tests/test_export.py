@@ -298,7 +298,7 @@ def test_the_run_path_builds_the_pruned_pipeline_without_the_dense_encoder(tmp_p
         raise AssertionError("the dense text encoder was loaded")
 
     monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(refuse))
-    pipe = pruned_pipeline(spec, plan, torch.device("cpu"))
+    pipe, _ = pruned_pipeline(spec, plan, torch.device("cpu"))
     assert pipe.text_encoder.pruning_plan == plan
     assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
     ids, mask = ids_for(dense)

@@ -49,6 +49,21 @@ def check_group_choices(argv: list[str]) -> str | None:
     return None
 
 
+def check_slurm(argv: list[str]) -> str | None:
+    """A one-line message when a sweep asks for the Slurm launcher on a machine without Slurm's commands."""
+    import shutil
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if not multirun or "hydra/launcher=submitit_slurm" not in argv:
+        return None
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if not missing:
+        return None
+    return (f"no Slurm here: {' and '.join(missing)} not on PATH; run the sweep on a Slurm login node, drop "
+            f"hydra/launcher=submitit_slurm to run the cells one after another here, or start a single-node "
+            f"Slurm with `sudo scripts/slurm_local.sh up`")
+
+
 def resolve_cell(cfg: DictConfig) -> tuple[DictConfig, str]:
     """Apply ``sweep.cells[cell]`` when a cell index is given; return (config, method key)."""
     from hydra import compose
@@ -61,7 +76,10 @@ def resolve_cell(cfg: DictConfig) -> tuple[DictConfig, str]:
     if not 0 <= int(cfg.cell) < len(cells):
         raise IndexError(f"cell={cfg.cell} is out of range: experiment {cfg.experiment!r} has {len(cells)} "
                          f"cells (0..{len(cells) - 1})")
-    overrides = [o for o in hc.overrides.task if not o.startswith("cell=")] + list(cells[int(cfg.cell)])
+    # The hydra overrides (e.g. hydra/launcher=submitit_slurm) come too: `+launcher=slurm` among the task
+    # overrides fills hydra.launcher's keys, which only the Slurm launcher's schema has.
+    overrides = (list(hc.overrides.hydra) + [o for o in hc.overrides.task if not o.startswith("cell=")]
+                 + list(cells[int(cfg.cell)]))
     full = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     key = full.hydra.runtime.choices["method"]
     with_cell = OmegaConf.to_container(full, resolve=False)
@@ -136,7 +154,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = check_group_choices(sys.argv[1:])
+    problem = check_group_choices(sys.argv[1:]) or check_slurm(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

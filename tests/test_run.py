@@ -29,6 +29,11 @@ def test_tiny_cell_runs_end_to_end_and_resumes(tmp_path):
     assert set(metrics) == {"fid", "clip", "dreamsim", "cost"}
     assert "NOT" in metrics["fid"]["backbone"]  # offline stand-ins are labelled as such
     assert (tmp_path / "runs/tiny/dense/s0.000/seed0/images/tiny/manifest.jsonl").exists()  # paired dense images
+    # Every JSON result (cell, plan, stages, metrics, the shared plan cache) is readable as the umask allows
+    from skrr.io import current_umask
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*.json")}
+    assert any(k.startswith("plans/") for k in modes) and any(k.endswith("/cell.json") for k in modes)
+    assert set(modes.values()) == {oct(0o666 & ~current_umask())}, modes
     stamps = {p: p.stat().st_mtime_ns for p in cell.rglob("*") if p.is_file() and p.name != "cell.json"}
     again = run("pipeline=tiny", "method=shortgpt", "sparsity=0.3", "eval=offline",
                 "eval.fid.prompts.samples_per_prompt=1", "eval.clip.prompts.samples_per_prompt=1",

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from skrr.interface import PruningMethod
@@ -115,9 +114,15 @@ def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tra
         return
     from eval.generate import read_manifest
 
-    results = _generate_into(cfg, pipe, store.images_dir)
-    counts = {name: r.n_images for name, r in results.items()}
-    store.mark_done("generate", {"images": counts})
+    # Locked like the search: a second process running this cell (or a cell that needs these dense images,
+    # see dense_images) waits here, then finds the stage done instead of generating every image again.
+    with store.images_lock():
+        if store.done("generate"):
+            log.info("generate: done before (by another process)")
+            return
+        results = _generate_into(cfg, pipe, store.images_dir)
+        counts = {name: r.n_images for name, r in results.items()}
+        store.mark_done("generate", {"images": counts})
     for name, r in results.items():
         rows = read_manifest(r.out_dir)[:4]
         tracker.log_images([r.out_dir / row["file"] for row in rows], [row["prompt"] for row in rows],
@@ -131,8 +136,7 @@ def dense_images(cfg: DictConfig, store: CellStore, spec: PipelineSpec, device: 
         return store.images_dir
     dense = CellStore(store.results, Cell(spec.name, "dense", 0.0, store.cell.seed), {}, store.experiment)
     root = dense.images_dir
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dense.dir / ".images.lock")):
+    with dense.images_lock():
         _generate_into(cfg, LazyPipeline(spec, None, device), root)  # loads the pipeline only if images are missing
     return root
 

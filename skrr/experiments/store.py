@@ -8,9 +8,11 @@ Layout (the on-disk contract between run.py, the tables and W&B):
         images/, manifest.jsonl  generated images (eval/generate.py layout)
         metrics/<metric>.json  one file per metric
         stages/<stage>.json    a stage's completion record; a stage whose record exists is skipped
+        .images.lock           held while the cell's images are generated (one process generates them)
     <results>/plans/<encoder>/<key>.json   searched plans, shared across cells (key = encoder + calib + method)
 
-Every file is written to a temporary name and renamed, so a killed run leaves whole files or none.
+Every file is written to a temporary name and renamed, so a killed run leaves whole files or none; files get
+the umask's mode (skrr/io.py), so colleagues on a shared cluster can read results and share the plan cache.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from skrr.io import atomic_write_json
 from skrr.plan import PlanError, PruningPlan
@@ -108,6 +112,11 @@ class CellStore:
 
     def stage_path(self, stage: str) -> Path:
         return self.dir / "stages" / f"{stage}.json"
+
+    def images_lock(self) -> FileLock:
+        """The lock held while this cell's images are generated (by its own run or by a cell needing them)."""
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.dir / ".images.lock"))
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, overwrite: bool = False) -> "CellStore":

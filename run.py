@@ -112,7 +112,7 @@ def check_before_hydra(argv: list[str]) -> str | None:
         if isinstance(node, DictConfig) and leaf in node:
             continue
         if parent == "method":
-            choice = dict(groups_of(groups)).get("method", "skrr")
+            choice = node.get("name", "?")
             known = ", ".join(k for k in node if k != "name")
             return (f"method.{leaf}: method={choice} has no setting {leaf!r} ({o.input_line}); its settings are "
                     f"{known} (configs/method/{choice}.yaml)")
@@ -128,11 +128,6 @@ def check_before_hydra(argv: list[str]) -> str | None:
     except Exception:  # noqa: BLE001  (an unresolvable interpolation: Hydra names it)
         return None
     return writable_problem(results)
-
-
-def groups_of(overrides: list[str]) -> list[tuple[str, str]]:
-    """('method', 'skrr') pairs from 'method=skrr' overrides."""
-    return [tuple(o.split("=", 1)) for o in overrides]  # type: ignore[misc]
 
 
 def writable_problem(results: Path) -> str | None:

@@ -73,3 +73,16 @@ def test_two_processes_running_one_cell_generate_its_images_once(tmp_path):
     images = tmp_path / "runs/tiny/dense/s0.000/seed0/images/tiny/images"
     assert sum(generated) == len(list(images.glob("*.png"))) > 0, generated  # each image made by one process
     assert sum("generate: done before" in log for log in logs) == 1
+
+
+def test_a_cell_composes_with_the_slurm_launcher_overrides(tmp_path, monkeypatch):
+    """`+launcher=slurm` fills hydra.launcher keys only the Slurm launcher has: the cell's recomposition must
+    carry `hydra/launcher=submitit_slurm` too (it failed with ConfigKeyError in every Slurm job)."""
+    sys.path.insert(0, str(ROOT))
+    import run
+
+    monkeypatch.setattr(sys, "argv", ["run.py"])
+    monkeypatch.setenv("SKRR_CACHE", str(tmp_path / "cache"))
+    run.cli([f"paths.results={tmp_path}", "logger=none", "experiment=demo", "cell=0", "stages=[search]",
+             "hydra/launcher=submitit_slurm", "+launcher=slurm"])
+    assert (tmp_path / "runs/tiny_minilm/dense/s0.000/seed0/stages/search.json").exists()

@@ -106,49 +106,44 @@ def inputs(tmp_path, monkeypatch):
     return tmp, results
 
 
-def special_folder(case: str, tmp: Path, monkeypatch) -> Path | None:
-    """Read-only (immutable for root, mode 0555 otherwise), full (a 64 KiB tmpfs, filled), or no Slurm on PATH."""
+def special_folder(case: str, tmp: Path, monkeypatch) -> list[list[str]]:
+    """Read-only (for root: immutable, or a read-only bind mount; else mode 0555), full (a 64 KiB tmpfs, filled),
+    or no Slurm on PATH. Returns the commands that undo it."""
     if case == "results-read-only":
         ro = tmp / "readonly"
         ro.mkdir()
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "+i", str(ro)], check=True)
-        else:
+        if os.geteuid() != 0:
             ro.chmod(0o555)
-        return ro
+            return []
+        if subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0:
+            return [["chattr", "-i", str(ro)]]
+        # A file system without chattr (overlayfs): a read-only bind mount of the folder onto itself
+        subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        return [["umount", str(ro)]]
     if case == "results-disk-full":
         full = tmp / "full"
         full.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
-        with open(full / "filler", "wb", buffering=0) as f:
-            try:
+        try:
+            with open(full / "filler", "wb", buffering=0) as f:
                 while True:
                     f.write(b"\0" * 4096)
-            except OSError as err:
-                assert err.errno == errno.ENOSPC
-        return full
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+        return [["umount", str(full)]]
     if case == "no-slurm":
         bare = tmp / "bin"
         bare.mkdir()
         monkeypatch.setenv("PATH", str(bare))
-    return None
-
-
-def release(case: str, folder: Path | None) -> None:
-    if folder is None:
-        return
-    if case == "results-read-only" and os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-    if case == "results-disk-full":
-        (folder / "filler").unlink()
-        subprocess.run(["umount", str(folder)], check=True)
+    return []
 
 
 @pytest.mark.parametrize("case, overrides, message", [c if hasattr(c, "values") else pytest.param(*c, id=c[0])
                                                       for c in CASES])
 def test_bad_input(case, overrides, message, inputs, capfd, monkeypatch):
     tmp, results = inputs
-    folder = special_folder(case, tmp, monkeypatch)
+    undo = special_folder(case, tmp, monkeypatch)
     before = files_under(tmp.parent)
     args = [f"paths.results={results}", "logger=none", *(o.format(tmp=tmp, results=results) for o in overrides)]
     try:
@@ -157,7 +152,8 @@ def test_bad_input(case, overrides, message, inputs, capfd, monkeypatch):
         err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and not PROGRESS.search(line)]
         after = files_under(tmp.parent)
     finally:
-        release(case, folder)
+        for command in undo:
+            subprocess.run(command, check=True)
     assert exit_.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert after == before, sorted(after - before)  # nothing left on disk

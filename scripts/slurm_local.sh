@@ -21,7 +21,8 @@ install_packages() {
             && command -v munged >/dev/null; then
         return
     fi
-    command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and this is not a Debian/Ubuntu machine; install them with your package manager"
+    command -v apt-get >/dev/null \
+        || die "slurm-wlm and munge are missing and this is not a Debian/Ubuntu machine; install them yourself"
     echo "slurm_local: installing slurm-wlm and munge (apt-get)"
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
@@ -88,7 +89,10 @@ up() {
     mkdir -p "$DIR"
     write_conf
     # munged: the key comes with the package; the socket folder does not exist in a fresh container.
-    [[ -s /etc/munge/munge.key ]] || { mungekey --create --force >/dev/null 2>&1 || dd if=/dev/urandom of=/etc/munge/munge.key bs=128 count=1 status=none; }
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        mungekey --create --force >/dev/null 2>&1 \
+            || dd if=/dev/urandom of=/etc/munge/munge.key bs=128 count=1 status=none
+    fi
     chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
     install -d -o munge -g munge -m 0755 /run/munge /var/log/munge /var/lib/munge
     start munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground

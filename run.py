@@ -334,6 +334,12 @@ def refuse(message: str, results: Any = None) -> None:
 
 def cli(argv: list[str]) -> None:
     """``python run.py ARGS``: the checks Hydra cannot make, then Hydra's main."""
+    # Import-time notices of torchao, which transformers' and diffusers' quantizers import when a model loads:
+    # torch calls its Enum pytree constants deprecated, diffusers cannot import some of its tensor classes
+    # (only torchao-serialized checkpoints need them; none is loaded here). Not the user's to fix, and on
+    # stderr they would break the one-line contract of a bad input's error.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
     problem = check_group_choices(argv) or check_slurm(argv) or check_before_hydra(argv)
     if problem:
         refuse(problem)

@@ -3,7 +3,8 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt requirements-nodeps.txt | sha256sum | cut -c1-12)
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_SILENT=true
 
-.PHONY: install demo test test-slow test-gpu table1 table2 table3 reuse projection sd3 sd2 sd2_tiny tables status clean-venv
+.PHONY: install demo test test-slow test-gpu test-slurm slurm-up slurm-down
+.PHONY: table1 table2 table3 reuse projection sd3 sd2 sd2_tiny tables status clean-venv
 
 install: $(STAMP)
 
@@ -26,6 +27,16 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -m gpu
+
+# Needs a running Slurm: `sudo make slurm-up` starts a single-node one on this machine (scripts/slurm_local.sh).
+test-slurm: $(STAMP)
+	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -m slurm
+
+slurm-up:
+	scripts/slurm_local.sh up
+
+slurm-down:
+	scripts/slurm_local.sh down
 
 table1 table2 table3 reuse projection sd3 sd2 sd2_tiny: $(STAMP)
 	$(PY) scripts/make_table.py table=$@

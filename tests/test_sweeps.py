@@ -1,7 +1,9 @@
 """Sweeps: a 2-cell multirun with submitit_local completes and a re-issue fills nothing; a run killed with
-SIGKILL mid-generation resumes to the same outputs as an uninterrupted run."""
+SIGKILL mid-generation resumes to the same outputs as an uninterrupted run; two processes running one cell
+generate its images once."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,3 +59,30 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
     proc.wait()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert outputs(killed) == outputs(clean)
+
+
+def test_two_processes_running_one_cell_generate_its_images_once(tmp_path):
+    """The generation stage is locked like the search: the second process waits and finds the images made."""
+    cmd, env = run_py("pipeline=tiny", "method=dense", "sparsity=0", "eval=offline", "stages=[search,generate]",
+                      *[s.replace("=3", "=1") for s in SAMPLES], results=tmp_path)
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    generated = [int(n) for log in logs for n in re.findall(r"generated (\d+) images", log)]
+    images = tmp_path / "runs/tiny/dense/s0.000/seed0/images/tiny/images"
+    assert sum(generated) == len(list(images.glob("*.png"))) > 0, generated  # each image made by one process
+    assert sum("generate: done before" in log for log in logs) == 1
+
+
+def test_a_cell_composes_with_the_slurm_launcher_overrides(tmp_path, monkeypatch):
+    """`+launcher=slurm` fills hydra.launcher keys only the Slurm launcher has: the cell's recomposition must
+    carry `hydra/launcher=submitit_slurm` too (it failed with ConfigKeyError in every Slurm job)."""
+    sys.path.insert(0, str(ROOT))
+    import run
+
+    monkeypatch.setattr(sys, "argv", ["run.py"])
+    monkeypatch.setenv("SKRR_CACHE", str(tmp_path / "cache"))
+    run.cli([f"paths.results={tmp_path}", "logger=none", "experiment=demo", "cell=0", "stages=[search]",
+             "hydra/launcher=submitit_slurm", "+launcher=slurm"])
+    assert (tmp_path / "runs/tiny_minilm/dense/s0.000/seed0/stages/search.json").exists()

@@ -18,7 +18,7 @@ from skrr.calib import DEFAULT_PROMPTS, CalibrationSet, load_prompts, prompt_has
 from skrr.interface import PruningMethod, check_sparsity
 from skrr.pipelines import PipelineSpec, load_caption_projection, load_text_encoder
 from skrr.plan import PruningPlan
-from skrr.experiments.store import PlanCache, canonical
+from skrr.experiments.store import PlanCache, canonical, remove_empty_parents
 from skrr.surgery import signature
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,21 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
                     calib_cfg, {"name": name, **_jsonable(method.settings())})
     path = cache.path(sig.model_id or sig.arch, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        record = _search_locked(cfg, method, name, spec, device, sparsities, encoder, tokenizer, sig, cache, path)
+    except BaseException:
+        # A failed search leaves no stray lock (nor empty plan folders) when no plan was ever cached here.
+        if not path.exists():
+            Path(str(path) + ".lock").unlink(missing_ok=True)
+            remove_empty_parents(path.parent, Path(results))
+        raise
+    return {s: PruningPlan.from_dict(record["plans"][_skey(s)]) for s in sparsities}
+
+
+def _search_locked(cfg: DictConfig, method: PruningMethod, name: str, spec: PipelineSpec, device: torch.device,
+                   sparsities: list[float], encoder: torch.nn.Module, tokenizer: Any, sig: Any, cache: PlanCache,
+                   path: Path) -> dict[str, Any]:
+    """The cached search record at ``path``, searching (once, under its lock) when it is missing."""
     with FileLock(str(path) + ".lock"):  # concurrent cells of one sweep wait for the first search
         record = cache.get(path) or {"method": name, "encoder": sig.describe(), "search_seconds": 0.0, "plans": {}}
         missing = [s for s in sparsities if _skey(s) not in record["plans"]]
@@ -81,7 +96,7 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
             log.info("searched %s for %s in %.1fs -> %s", name, missing, seconds, path)
         else:
             log.info("reusing cached %s plans from %s", name, path)
-    return {s: PruningPlan.from_dict(record["plans"][_skey(s)]) for s in sparsities}
+    return record
 
 
 def _granularity(method: PruningMethod, encoder: torch.nn.Module) -> str:

@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from skrr.interface import PruningMethod
 from skrr.io import atomic_write_json, atomic_write_text
 from skrr.pipelines import (PipelineSpec, denoiser_of, load_pipeline, load_pruned_text_encoder, load_text_encoder,
                             set_text_encoder, text_encoder_of)
-from skrr.plan import PruningPlan
+from skrr.plan import PlanError, PruningPlan
 from skrr.surgery import signature
 from skrr.experiments.search import search_plans
 from skrr.experiments.store import Cell, CellStore
@@ -23,6 +22,84 @@ log = logging.getLogger(__name__)
 
 # Metrics that compare a run with the dense run of the same pipeline and seed (paired images).
 DENSE_METRICS = ("dreamsim",)
+
+
+class InputError(ValueError):
+    """An input a cell needs that is missing or unusable, found before its first stage (one line, exit 2)."""
+
+
+def check_inputs(cfg: DictConfig, store: CellStore, method: PruningMethod, spec: PipelineSpec) -> None:
+    """Every file and folder the cell's remaining stages will read, checked before the first one runs.
+
+    A missing COCO captions file found after a search of 3-5 GPU-hours (SPEC §2) is hours lost; here it is a
+    one-line error before anything is written.
+    """
+    _check_model_folder(spec)
+    if not store.done("search"):
+        if cfg.plan_file:
+            if not Path(cfg.plan_file).is_file():
+                raise InputError(f"plan_file={cfg.plan_file} is not a file; give a plan JSON (e.g. a cell's plan.json)"
+                                 f" or drop plan_file to search")
+        elif method.needs_calibration:
+            _check_calibration(cfg)
+    if cfg.eval and ("generate" in cfg.stages or "score" in cfg.stages):
+        _check_eval_inputs(cfg, store)
+
+
+def _check_model_folder(spec: PipelineSpec) -> None:
+    if spec.kind == "tiny" or not spec.model_id or not Path(spec.model_id).expanduser().exists():
+        return  # a hub id: the loader names a missing or gated download itself
+    folder = Path(spec.model_id).expanduser()
+    if not (folder / "model_index.json").is_file():
+        what = "a file" if folder.is_file() else ("an empty folder" if not any(folder.iterdir()) else
+                                                   "a folder without model_index.json")
+        raise InputError(f"pipeline.model_id={spec.model_id} is {what}, not a diffusers pipeline folder; point it at "
+                         f"a full download (huggingface-cli download <hub id> --local-dir <folder>) or use the hub id")
+
+
+def _check_calibration(cfg: DictConfig) -> None:
+    from skrr.calib import DEFAULT_PROMPTS, load_prompts
+
+    c = cfg.calib
+    path = Path(c.prompts).expanduser() if c.prompts else DEFAULT_PROMPTS
+    if path.is_dir():
+        raise InputError(f"calib.prompts={c.prompts} is a folder; give a file (.txt one prompt per line, .jsonl or "
+                         f".csv)")
+    try:
+        prompts = load_prompts(path, c.column)
+    except UnicodeDecodeError as err:
+        raise InputError(f"calib.prompts={path} is not UTF-8 text (byte {err.start}: a binary file?); give a .txt "
+                         f"(one prompt per line), .jsonl or .csv file") from err
+    asked = c.num_calib_prompts
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int)):
+        raise InputError(f"calib.num_calib_prompts must be a whole number, got {asked!r}; e.g. "
+                         f"calib.num_calib_prompts=1000")
+    if min(len(prompts), asked or len(prompts)) < 2:
+        source = f"{path} holds one prompt" if len(prompts) < 2 else f"calib.num_calib_prompts={asked}"
+        raise InputError(f"one calibration prompt ({source}) cannot rank layers: every score would be one caption's; "
+                         f"use at least 2 (the paper used 1,000 captions)")
+    if asked is not None and asked > len(prompts):
+        if c.prompts:
+            raise InputError(f"calib.num_calib_prompts={asked} but {path} holds {len(prompts)} prompts; set "
+                             f"calib.num_calib_prompts={len(prompts)} or give a file with {asked} prompts")
+        # The shipped file (64 prompts) with the paper's 1,000: runs (the tests and the demo do), but says so.
+        log.warning("calibration: calib.num_calib_prompts=%s but the shipped %s holds %d prompts, all used; the "
+                    "paper used 1,000 CC12M captions (set calib.prompts=<file>)", asked, path.name, len(prompts))
+
+
+def _check_eval_inputs(cfg: DictConfig, store: CellStore) -> None:
+    from eval.prompts import load_prompt_set
+    from eval.score import metric_specs, prompt_sets
+
+    if "generate" in cfg.stages and not store.done("generate"):
+        for spec in prompt_sets(cfg.eval).values():
+            load_prompt_set(spec, key=spec["config_key"])  # a missing COCO/GenEval file: one line naming its key
+    if "score" in cfg.stages:
+        for key, spec in metric_specs(cfg.eval).items():
+            ref = spec.get("ref_dir")
+            if ref and ref != "dense" and not store.metric_path(key).exists() and not Path(ref).is_dir():
+                raise InputError(f"eval.{key}.ref_dir={ref} is not a folder; prepare the reference images with "
+                                 f"scripts/prepare_refs.py, or set eval.{key}.ref_dir=dense")
 
 
 def tracker_for(cfg: DictConfig, store: CellStore) -> Tracker:
@@ -41,7 +118,11 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
         return plan
     if cfg.plan_file:
         encoder, _ = load_text_encoder(spec, device)
-        plan = PruningPlan.from_json(cfg.plan_file).validate(signature(encoder))
+        try:
+            plan = PruningPlan.from_json(cfg.plan_file).validate(signature(encoder))
+        except PlanError as err:  # name the encoder loaded here too, not only the plan's
+            raise PlanError(f"plan_file={cfg.plan_file} does not fit pipeline={spec.name}, whose encoder is "
+                            f"{signature(encoder).describe()}: {err}") from err
     else:
         targets = [float(cfg.sparsity), *map(float, cfg.search_sparsities)]
         plan = search_plans(cfg, method, method_name, spec, device, targets, store.results)[
@@ -153,9 +234,15 @@ def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tra
         return
     from eval.generate import read_manifest
 
-    results = _generate_into(cfg, pipe, store.images_dir)
-    counts = {name: r.n_images for name, r in results.items()}
-    store.mark_done("generate", {"images": counts})
+    # Locked like the search: a second process running this cell (or a cell that needs these dense images,
+    # see dense_images) waits here, then finds the stage done instead of generating every image again.
+    with store.images_lock():
+        if store.done("generate"):
+            log.info("generate: done before (by another process)")
+            return
+        results = _generate_into(cfg, pipe, store.images_dir)
+        counts = {name: r.n_images for name, r in results.items()}
+        store.mark_done("generate", {"images": counts})
     for name, r in results.items():
         rows = read_manifest(r.out_dir)[:4]
         tracker.log_images([r.out_dir / row["file"] for row in rows], [row["prompt"] for row in rows],
@@ -169,8 +256,7 @@ def dense_images(cfg: DictConfig, store: CellStore, spec: PipelineSpec, device: 
         return store.images_dir
     dense = CellStore(store.results, Cell(spec.name, "dense", 0.0, store.cell.seed), {}, store.experiment)
     root = dense.images_dir
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dense.dir / ".images.lock")):
+    with dense.images_lock():
         _generate_into(cfg, LazyPipeline(spec, None, device), root)  # loads the pipeline only if images are missing
     return root
 

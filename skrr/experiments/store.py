@@ -8,9 +8,11 @@ Layout (the on-disk contract between run.py, the tables and W&B):
         images/, manifest.jsonl  generated images (eval/generate.py layout)
         metrics/<metric>.json  one file per metric
         stages/<stage>.json    a stage's completion record; a stage whose record exists is skipped
+        .images.lock           held while the cell's images are generated (one process generates them)
     <results>/plans/<encoder>/<key>.json   searched plans, shared across cells (key = encoder + calib + method)
 
-Every file is written to a temporary name and renamed, so a killed run leaves whole files or none.
+Every file is written to a temporary name and renamed, so a killed run leaves whole files or none; files get
+the umask's mode (skrr/io.py), so colleagues on a shared cluster can read results and share the plan cache.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from skrr.io import atomic_write_json
 from skrr.plan import PlanError, PruningPlan
@@ -109,10 +113,16 @@ class CellStore:
     def stage_path(self, stage: str) -> Path:
         return self.dir / "stages" / f"{stage}.json"
 
+    def images_lock(self) -> FileLock:
+        """The lock held while this cell's images are generated (by its own run or by a cell needing them)."""
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.dir / ".images.lock"))
+
     # ------------------------------------------------------------------ lifecycle
     def open(self, overwrite: bool = False) -> "CellStore":
         """Create the folder or check it belongs to this config; with overwrite, reset finished stages."""
         meta = self.dir / "cell.json"
+        self.created = not meta.exists()
         if meta.exists():
             old = read_json(meta)
             # A folder with no finished stage holds nothing to protect (e.g. a run that failed to load weights).
@@ -132,6 +142,20 @@ class CellStore:
                                  "experiment": self.experiment, "config": self.config})
         return self
 
+    def discard_unfinished(self) -> None:
+        """After a failure before any stage finished: remove what this run made (its cell.json when it wrote the
+        first one, lock files, empty folders up to the results root), so a bad input leaves nothing behind.
+        Images already generated stay: a rerun resumes from them."""
+        if not self.dir.is_dir() or any((self.dir / "stages").glob("*.json")):
+            return
+        if getattr(self, "created", False):
+            (self.dir / "cell.json").unlink(missing_ok=True)
+        if not any(p.is_file() for p in self.images_dir.rglob("*")):
+            (self.dir / ".images.lock").unlink(missing_ok=True)
+        for folder in sorted((p for p in self.dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _rmdir_if_empty(folder)
+        remove_empty_parents(self.dir, self.results)
+
     def done(self, stage: str) -> bool:
         """Whether a stage finished for this config."""
         return self.stage_path(stage).exists()
@@ -148,6 +172,22 @@ class CellStore:
             return PruningPlan.from_json(self.plan_path)
         except PlanError as err:
             raise StoreError(str(err)) from err
+
+
+def _rmdir_if_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+        return True
+    except OSError:  # not empty (or already gone)
+        return not folder.exists()
+
+
+def remove_empty_parents(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to (and including) ``root``'s empty children;
+    ``root`` itself stays."""
+    folder, root = Path(folder), Path(root)
+    while folder != root and root in folder.parents and _rmdir_if_empty(folder):
+        folder = folder.parent
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from eval import EvalError
-from eval.geneval import (COLORS, OBJECT_NAMES, ClipColorClassifier, Detection, Mask2FormerDetector, box_from_mask,
-                          evaluate_rules, geneval_dir, keep_detections, masked_crop, mmdet_postprocess,
+from eval.geneval import (COLORS, OBJECT_NAMES, ClipColorClassifier, Detection, Mask2FormerDetector, MmdetPreprocess,
+                          box_from_mask, evaluate_rules, geneval_dir, keep_detections, masked_crop, mmdet_postprocess,
                           relative_position, task_scores)
 
 
@@ -208,9 +208,45 @@ def test_mmdet_postprocess_crops_padding_before_resizing_to_the_image():
     assert mask.shape == (32, 16) and not mask.any()
 
 
+def _cv2_bilinear(arr, h, w):
+    """cv2.resize INTER_LINEAR written out in numpy (half-pixel centres, border clamp, no antialias), uint8 out."""
+    def taps(n_out, n_in):
+        src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, fy = taps(h, arr.shape[0])
+    x0, x1, fx = taps(w, arr.shape[1])
+    a = arr.astype(np.float64)
+    rows = a[y0] * (1 - fy)[:, None, None] + a[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.floor(out + 0.5), 0, 255)
+
+
+def test_mmdet_preprocess_keeps_the_aspect_ratio_and_pads_a_640x480_image_to_800x1088():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    pixels, valid = MmdetPreprocess()(image)
+    assert valid == (800, 1067) and tuple(pixels.shape) == (1, 3, 800, 1088)  # mmdet: 800x1067, padded to 1088
+    assert pixels[..., 1067:].abs().max() == 0 and pixels[..., :1067].abs().sum(dim=(0, 1, 2)).min() > 0
+    assert MmdetPreprocess().resized_hw(512, 512) == (800, 800)
+    assert MmdetPreprocess().resized_hw(1024, 4096) == (333, 1333)  # the long edge caps the scale
+
+
+@pytest.mark.parametrize("hw", [(30, 40), (480, 640)])  # down- and up-scaling
+def test_mmdet_preprocess_resizes_as_cv2_bilinear_then_normalises(hw):
+    pre = MmdetPreprocess(short_edge=8, long_edge=13) if hw[0] < 100 else MmdetPreprocess()
+    arr = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    pixels, (h, w) = pre(Image.fromarray(arr))
+    expected = _cv2_bilinear(arr, h, w)
+    got = pixels[0, :, :h, :w].permute(1, 2, 0).double().numpy() * np.array(pre.std) + np.array(pre.mean)
+    diff = np.abs(got - expected)
+    assert diff.max() <= 1.0 + 1e-3 and (diff > 0.5).mean() < 0.05  # rounding at .5: one grey level, rarely
+    assert np.abs(got - np.round(got)).max() < 1e-3  # quantised to uint8 before Normalize, as mmcv does
+
+
 def test_tiny_mask2former_end_to_end_returns_detections_per_geneval_name():
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
                           out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -219,8 +255,7 @@ def test_tiny_mask2former_end_to_end_returns_detections_per_geneval_name():
                             dim_feedforward=64, num_attention_heads=2)
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(cfg)
-    processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32)
-    detector = Mask2FormerDetector(model, processor, name="tiny-m2f")
+    detector = Mask2FormerDetector(model, MmdetPreprocess(short_edge=64, long_edge=96), name="tiny-m2f")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
     found = detector(image)
     dets = [d for v in found.values() for d in v]

@@ -100,6 +100,9 @@ def run_cell(cfg: DictConfig) -> Path:
         raise SparsityError(f"method=dense prunes nothing; use sparsity=0 (got {sparsity})")
     spec = PipelineSpec.from_config(cfg.pipeline)
     pruner = instantiate(cfg.method)  # checks the method's settings before anything is written
+    from eval.score import metric_specs
+
+    metric_specs(cfg.eval)  # an unknown metric or an unsupported FID mode is refused before anything is written
     device = pick_device(cfg.device)
     results = Path(cfg.paths.results)
     cell = Cell(spec.name, method, sparsity, int(cfg.seed), cfg.tag or "")

@@ -69,12 +69,16 @@ def settings_from_config(generation: Mapping[str, Any], call_kwargs: Mapping[str
 
 
 def metric_specs(cfg_eval: Any) -> dict[str, dict[str, Any]]:
-    """The selected metrics as plain dicts, each checked to name a known scorer."""
+    """The selected metrics as plain dicts, each checked to name a known scorer (and FID a supported mode)."""
     specs = _plain(cfg_eval)
     for key, spec in specs.items():
         kind = spec.get("metric") if isinstance(spec, dict) else None
         if kind not in KINDS:
             raise EvalError(f"eval.{key} has metric={kind!r}; use one of {list(KINDS)} (configs/eval/)")
+        if kind == "fid":
+            from eval.fid import MODE, check_mode
+
+            check_mode(spec.get("mode", MODE), key=f"eval.{key}.mode")
     return specs
 
 

@@ -104,6 +104,25 @@ def test_position_each_relation_right_and_wrong(relation):
     assert not judge({"bench": [det(*a)], "dog": [det(*b)]}, meta)  # swapped: the opposite relation
 
 
+def test_position_checks_every_target_object_and_every_checked_object():
+    # Two benches are the target (count 2): the dog must be left of both; one bench to its left fails it.
+    meta = {"tag": "position", "include": [{"class": "bench", "count": 2},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    dog, right, far_right, left = (20, 40, 30, 50), (60, 40, 70, 50), (90, 40, 99, 50), (0, 40, 5, 50)
+    assert judge({"bench": [det(*right, 0.9), det(*far_right, 0.8)], "dog": [det(*dog)]}, meta)
+    assert not judge({"bench": [det(*right, 0.9), det(*left, 0.8)], "dog": [det(*dog)]}, meta)
+    # Two dogs are checked (count 2): the second, less confident one is right of the bench -> wrong.
+    meta2 = {"tag": "position", "include": [{"class": "bench", "count": 1},
+                                            {"class": "dog", "count": 2, "position": ["left of", 0]}]}
+    assert judge({"bench": [det(*right)], "dog": [det(*dog, 0.9), det(*left, 0.8)]}, meta2)
+    assert not judge({"bench": [det(*right)], "dog": [det(*dog, 0.9), det(*far_right, 0.8)]}, meta2)
+    # The target index is honoured: relative to clause 1 (the car on the right), not clause 0.
+    meta3 = {"tag": "position", "include": [{"class": "bench", "count": 1}, {"class": "car", "count": 1},
+                                            {"class": "dog", "count": 1, "position": ["left of", 1]}]}
+    assert judge({"bench": [det(*left)], "car": [det(*right)], "dog": [det(*dog)]}, meta3)
+    assert not judge({"bench": [det(*right)], "car": [det(*left)], "dog": [det(*dog)]}, meta3)
+
+
 def test_position_fails_without_a_target():
     meta = {"tag": "position", "include": [{"class": "bench", "count": 1},
                                            {"class": "dog", "count": 1, "position": ["left of", 0]}]}

@@ -4,7 +4,7 @@
     python run.py pipeline=tiny method=skrr sparsity=0.3           # offline, seconds
     python run.py -m experiment=table1 hydra/launcher=submitit_slurm +launcher=slurm
 
-Outputs go to ``<paths.results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/`` (skrr/store.py);
+Outputs go to ``<paths.results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/`` (skrr/experiments/store.py);
 finished stages are skipped on a rerun. Bad input ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a missing asset: reported in one line, exit code 2."""
     from eval import EvalError
     from skrr.calib import CalibrationError
-    from skrr.interface import SparsityError
+    from skrr.experiments.store import StoreError
+    from skrr.interface import MethodError, SparsityError
     from skrr.pipelines import ModelUnavailableError
     from skrr.plan import PlanError
-    from skrr.experiments.store import StoreError
 
-    return (EvalError, CalibrationError, SparsityError, ModelUnavailableError, PlanError, StoreError)
+    return (EvalError, CalibrationError, MethodError, SparsityError, ModelUnavailableError, PlanError, StoreError)
 
 
 def check_group_choices(argv: list[str]) -> str | None:
@@ -87,9 +87,8 @@ def pick_device(name: str) -> Any:
 
 def run_cell(cfg: DictConfig) -> Path:
     """All stages of one cell; returns the cell folder."""
-    from hydra.utils import instantiate
-
     from skrr.experiments import stages
+    from skrr.experiments.methods import method_from_config
     from skrr.interface import SparsityError, check_sparsity
     from skrr.pipelines import PipelineSpec
     from skrr.experiments.store import Cell, CellStore
@@ -99,7 +98,7 @@ def run_cell(cfg: DictConfig) -> Path:
     if method == "dense" and sparsity != 0:
         raise SparsityError(f"method=dense prunes nothing; use sparsity=0 (got {sparsity})")
     spec = PipelineSpec.from_config(cfg.pipeline)
-    pruner = instantiate(cfg.method)  # checks the method's settings before anything is written
+    _, pruner = method_from_config(cfg.method)  # checks the method's settings before anything is written
     from eval.score import metric_specs
 
     metric_specs(cfg.eval)  # an unknown metric or an unsupported FID mode is refused before anything is written
@@ -128,7 +127,7 @@ def main(cfg: DictConfig) -> None:
         run_cell(cfg)
     except (*bad_input, InstantiationException) as err:
         # One line naming the problem and the fix (SKRR_DEBUG=1 shows the traceback). A config object that
-        # refused its settings (e.g. method.beam_width=0) is reported by its own message.
+        # refused its settings (e.g. an eval backbone) is reported by its own message.
         cause, where = err, ""
         if isinstance(err, InstantiationException):
             cause, where = err.__cause__, str(err).rpartition("full_key: ")[2].strip() + ": "

@@ -5,8 +5,10 @@
 - ``baselines.finercut.FinerCut``  greedy removal of attention/FFN sub-blocks (arXiv 2405.18218)
 - ``baselines.magnitude.Magnitude`` unstructured |w| pruning of linear weights (arXiv 2411.15113)
 
-The submodules are not imported here (Hydra imports the one a config names); this module holds the
-few helpers they share and ``prune_encoder``, the one call that turns any method's plan into an encoder.
+The submodules are not imported here (the experiment layer imports them all to find their registrations);
+this module holds the few helpers they share and ``prune_encoder``, the one call that turns any method's plan
+into an encoder. Each method registers itself (``@register_method``) under its config name. Baselines build on the pruning
+library (``skrr``) only: never ``eval`` or ``skrr.experiments``.
 """
 from __future__ import annotations
 

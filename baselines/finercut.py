@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from baselines import base_meta, check_reuse_order, prefix_plans
-from skrr.interface import SPARSITY_TOLERANCE, PruningMethod, check_sparsity, describe_order, prefix_length
+from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, check_sparsity, describe_order, prefix_length,
+                            register_method)
 from skrr.plan import PruningPlan
 from skrr.surgery import count_params, units
 
@@ -44,6 +45,7 @@ def output_distance(dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tenso
     return float(err.sum()), err.numel()
 
 
+@register_method
 class FinerCut(PruningMethod):
     """Iterative greedy removal of attention/FFN sub-blocks by output distance; optional Skrr Re-use."""
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from baselines import base_meta
 from skrr.calib import Batch, prompt_hash
-from skrr.interface import SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, removed_fraction
+from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, register_method,
+                            removed_fraction)
 from skrr.plan import PruningPlan, Slot
 from skrr.surgery import StackRunner
 
@@ -64,6 +65,7 @@ def output_similarity(dense: torch.Tensor, merged: torch.Tensor, mask: torch.Ten
     return sum(sims) / len(sims)
 
 
+@register_method
 class LaCo(PruningMethod):
     """Top-down RDSC layer merging with a similarity threshold, until the target sparsity."""
 

@@ -25,10 +25,10 @@ from torch import nn
 
 from baselines import base_meta
 from skrr.families import family_of
-from skrr.interface import PruningMethod, SparsityError, check_sparsity
+from skrr.interface import PruningMethod, SparsityError, check_sparsity, register_method
 from skrr.io import atomic_write_bytes
 from skrr.plan import PlanError, PruningPlan
-from skrr.surgery import count_params
+from skrr.surgery import count_params, signature
 
 if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
@@ -160,7 +160,7 @@ def apply(encoder: nn.Module, plan: PruningPlan, inplace: bool = True) -> nn.Mod
     """The encoder with a magnitude plan's weights zeroed (in place by default: no second copy of 4.7 B weights)."""
     if "magnitude" not in plan.meta:
         raise PlanError("not a magnitude plan (no meta['magnitude']); apply it with skrr.apply_plan")
-    plan.validate(encoder)
+    plan.validate(signature(encoder))
     want = plan.meta["magnitude"]
     if not inplace:
         import copy
@@ -218,6 +218,7 @@ def load_sparse(encoder: nn.Module, path: str | Path) -> nn.Module:
     return encoder
 
 
+@register_method
 class Magnitude(PruningMethod):
     """Unstructured |w| pruning of the encoder's linear weights; the plan carries the rule, not skips."""
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from baselines import base_meta, check_reuse_order, prefix_plans
-from skrr.interface import PruningMethod, check_sparsity, describe_order
+from skrr.interface import PruningMethod, check_sparsity, describe_order, register_method
 from skrr.plan import PruningPlan
 from skrr.surgery import StackRunner
 
@@ -45,6 +45,7 @@ def block_influence(calib: "CalibrationSet", exclude_padding: bool = True) -> li
     return [float(1.0 - c / max(tokens, 1)) for c in cos_sum]
 
 
+@register_method
 class ShortGPT(PruningMethod):
     """Remove the whole blocks with the lowest Block Influence (one shot); optional Skrr Re-use (App. C.4)."""
 

@@ -1,7 +1,8 @@
 """Evaluation: prompts x seeds -> images on disk -> FID, CLIP score, DreamSim, GenEval and the cost table (SPEC §5).
 
 Import submodules explicitly (``from eval import fid``); never ``import eval`` on its own, which reads like
-the builtin. This file stays light: no torch, no model code.
+the builtin. This file stays light: no torch, no model code. ``eval`` may import the pruning library
+(``skrr``: atomic writes, parameter counts) but never ``baselines`` or ``skrr.experiments``.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from skrr.experiments.store import StoreError
-from skrr.experiments.tables import CONFIG_DIR, TableError, make_table, missing_lines, names, parse_cli, results_arg
+from skrr.experiments.render import make_table, missing_lines
+from skrr.experiments.results import CONFIG_DIR, TableError, names, parse_cli, results_arg
 
 USAGE = "usage: python scripts/make_table.py table=<name|all> [results=PATH] [plot=true|false]"
 

@@ -15,8 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from skrr.io import atomic_write_bytes
 from skrr.experiments.store import StoreError
-from skrr.experiments.tables import (CONFIG_DIR, TableError, build_table, experiment_cells, load_table, parse_cli, render_plot,
-                         results_arg)
+from skrr.experiments.reference import build_table, load_table
+from skrr.experiments.render import render_plot
+from skrr.experiments.results import CONFIG_DIR, TableError, experiment_cells, parse_cli, results_arg
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from skrr.experiments.store import StoreError
-from skrr.experiments.tables import CONFIG_DIR, TableError, names, parse_cli, results_arg, status_lines
+from skrr.experiments.results import CONFIG_DIR, TableError, names, parse_cli, results_arg, status_lines
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,8 @@
-"""The one signature every pruning method shares, and the rule that turns a removal order into a plan."""
+"""The one signature every pruning method shares, the registry that maps a method's name to its class, and
+the rule that turns a removal order into a plan."""
 from __future__ import annotations
 
+import inspect
 import logging
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -88,6 +90,45 @@ class PruningMethod(ABC):
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
+# ------------------------------------------------------------------------------------------------ registry
+# name -> class. A method registers itself where it is defined (@register_method); configs/method/<name>.yaml
+# holds ``name: <name>`` and its settings. Adding a method touches its own file and its config, nothing else
+# (the experiment layer imports every module of ``baselines`` to collect them: skrr.experiments.methods).
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+class MethodError(ValueError):
+    """A method name or setting that no registered method accepts."""
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make a PruningMethod buildable by its ``name``."""
+    if not cls.name or cls.name != cls.name.lower():
+        raise TypeError(f"{cls.__qualname__} needs a lowercase class attribute 'name' to be registered")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise TypeError(f"method name {cls.name!r} is taken by {METHODS[cls.name].__qualname__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, **settings: Any) -> PruningMethod:
+    """The registered method ``name`` with ``settings``; a one-line MethodError names a bad name or key."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise MethodError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))} "
+                          f"(a new method is a PruningMethod with @register_method and configs/method/{name}.yaml)")
+    accepted = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise MethodError(f"method.{unknown[0]}: {name} has no setting {unknown[0]!r}; "
+                          f"it takes {', '.join(accepted) or 'none'}")
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError) as err:  # the class refuses a value: its own message, with the config node
+        raise MethodError(f"method: {err}") from err
+
+
+@register_method
 class Dense(PruningMethod):
     """The unpruned encoder: the identity plan at sparsity 0."""
 

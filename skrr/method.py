@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from skrr.calib import MAX_TOKENS, PrefixStates, plan_keys
 from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, describe_order,
-                            prefix_plan)
+                            prefix_plan, register_method)
 from skrr.plan import PlanError, PruningPlan, Slot, block_plan_to_units, part_of
 from skrr.surgery import count_params, units
 
@@ -288,6 +288,7 @@ def _converter(calib: "CalibrationSet", plan: PruningPlan) -> Callable[[PruningP
 
 
 # ----------------------------------------------------------------------------------------------- the method
+@register_method
 class Skrr(PruningMethod):
     """Skip (beam search over sub-blocks, Alg. 1) then Re-use (Alg. 2); one search serves every sparsity."""
 

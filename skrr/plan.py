@@ -192,11 +192,15 @@ class PruningPlan:
                     if not pos < j < n or self.slots[j] is not None:
                         raise PlanError(f"block {j} is merged into {pos} but is not a later, empty position")
 
-    def validate(self, encoder: Any) -> "PruningPlan":
-        """Refuse with a clear message when this plan was made for a different encoder; returns self."""
-        from skrr.surgery import signature  # local import: surgery imports plan
+    def validate(self, actual: EncoderSignature) -> "PruningPlan":
+        """Refuse with a clear message when this plan was made for a different encoder; returns self.
 
-        actual = signature(encoder)
+        Takes the encoder's signature (``skrr.surgery.signature(encoder)``), so that a plan stays plain data
+        that imports nothing of the surgery built on it.
+        """
+        if not isinstance(actual, EncoderSignature):
+            raise TypeError(f"validate takes an EncoderSignature, got {type(actual).__name__}: "
+                            f"use plan.validate(skrr.signature(encoder))")
         mine = self.encoder
         if mine.family != actual.family or mine.arch != actual.arch or mine.num_blocks != actual.num_blocks:
             raise PlanError(f"plan was made for {mine.describe()} but the encoder is {actual.describe()}; "

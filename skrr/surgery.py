@@ -95,7 +95,7 @@ def removed_fraction(encoder: nn.Module, plan: PruningPlan) -> float:
 
 def realized_sparsity(encoder: nn.Module, plan: PruningPlan) -> float:
     """Removed parameters / all parameters of the dense encoder, embedding included (SPEC §1)."""
-    plan.validate(encoder)
+    plan.validate(signature(encoder))
     return removed_fraction(encoder, plan)
 
 
@@ -128,7 +128,7 @@ class StackRunner:
 
     def check(self, plan: PruningPlan) -> None:
         """Refuse a plan of another encoder or granularity."""
-        plan.validate(self.encoder)
+        plan.validate(signature(self.encoder))
         if plan.granularity != self.granularity:
             raise PlanError(f"runner works on {self.granularity}s but the plan is made of {plan.granularity}s")
 

@@ -1,10 +1,10 @@
-"""Every config of every group composes, and each method config instantiates a PruningMethod."""
+"""Every config of every group composes, and each method config builds its registered PruningMethod."""
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
+from skrr.experiments.methods import method_from_config, registered_methods
 from skrr.interface import PruningMethod
 from skrr.pipelines import PipelineSpec
 
@@ -29,9 +29,13 @@ def test_every_option_composes(group):
 
 
 @pytest.mark.parametrize("name", options("method"))
-def test_method_configs_instantiate(name):
-    method = instantiate(compose_with(f"method={name}").method)
-    assert isinstance(method, PruningMethod) and method.name == name
+def test_method_configs_build_their_registered_method(name):
+    key, method = method_from_config(compose_with(f"method={name}").method)
+    assert key == name and isinstance(method, PruningMethod) and method.name == name  # one key everywhere
+
+
+def test_every_registered_method_has_a_config():
+    assert sorted(registered_methods()) == sorted(options("method"))
 
 
 @pytest.mark.parametrize("name", options("pipeline"))
@@ -47,5 +51,5 @@ def test_metrics_select_together():
 
 def test_canonical_command_defaults():
     cfg = compose_with("sparsity=0.419")
-    assert cfg.pipeline.name == "pixart_sigma" and cfg.method._target_ == "skrr.method.Skrr"
+    assert cfg.pipeline.name == "pixart_sigma" and cfg.method.name == "skrr"
     assert cfg.method.beam_width == 3 and cfg.calib.metric == "mse" and cfg.calib.use_projection

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from skrr.experiments.tables import CONFIG_DIR, ExperimentCell, compose_configs, experiment_cells, load_table, names, row_cells
+from skrr.experiments.reference import load_table, row_cells
+from skrr.experiments.results import CONFIG_DIR, ExperimentCell, compose_configs, experiment_cells, names
 
 EXPERIMENTS = names("experiment")
 TABLES = names("table")

@@ -1,18 +1,18 @@
 """Every method (dense, Skrr and the baselines) returns a valid plan at every sparsity of a sweep,
-deterministically, through run.py's own path: Hydra compose -> instantiate(cfg.method) -> skrr.experiments.search."""
+deterministically, through run.py's own path: Hydra compose -> method_from_config(cfg.method) -> skrr.experiments.search."""
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from baselines import prune_encoder
 from skrr.families import family_of
 from skrr.interface import SPARSITY_TOLERANCE
 from skrr.pipelines import PipelineSpec, load_text_encoder
+from skrr.experiments.methods import method_from_config
 from skrr.experiments.search import search_plans
-from skrr.surgery import count_params, realized_sparsity
+from skrr.surgery import count_params, realized_sparsity, signature
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Tiny pipeline: 6 T5 blocks; one block is 15.4 % of the encoder, one FFN 9.2 %, one attention 6.2 %.
@@ -41,7 +41,7 @@ def test_every_method_gives_valid_deterministic_plans(name, tmp_path):
     sparsities = SWEEPS[name]
     runs = []
     for k in range(2):  # two searches from scratch (separate plan caches): same plans
-        method = instantiate(cfg.method)
+        _, method = method_from_config(cfg.method)
         runs.append(search_plans(cfg, method, name, spec, torch.device("cpu"), sparsities, tmp_path / f"r{k}"))
     encoder, tokenizer = load_text_encoder(spec)
     ids = tokenizer(["a red fox in the snow"], return_tensors="pt").input_ids
@@ -51,7 +51,7 @@ def test_every_method_gives_valid_deterministic_plans(name, tmp_path):
     for s, plan in runs[0].items():
         again = runs[1][s]
         assert plan == again and untimed(plan.meta) == untimed(again.meta), f"{name} at {s} is not deterministic"
-        plan.validate(encoder)
+        plan.validate(signature(encoder))
         assert plan.granularity in family_of(encoder).granularities
         assert plan.meta["target_sparsity"] == pytest.approx(s)
         realized = plan.meta["realized_sparsity"]

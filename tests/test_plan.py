@@ -56,14 +56,14 @@ def test_malformed_plans_are_refused(t5, slots, message):
 def test_plan_for_another_encoder_is_refused(t5):
     other = tiny_t5(num_layers=6)
     with pytest.raises(PlanError, match="made for"):
-        identity_plan(other).validate(t5)
+        identity_plan(other).validate(signature(t5))
     wider = tiny_t5(num_layers=4, d_model=48, d_ff=64, num_heads=4)
     with pytest.raises(PlanError, match="made for"):
-        identity_plan(wider).validate(t5)
+        identity_plan(wider).validate(signature(t5))
     renamed = tiny_t5(num_layers=4, name="someone/else")
     with pytest.raises(PlanError, match="someone/else"):
-        identity_plan(renamed).validate(t5)
-    identity_plan(tiny_t5(num_layers=4, seed=5)).validate(t5)  # same architecture and id: accepted
+        identity_plan(renamed).validate(signature(t5))
+    identity_plan(tiny_t5(num_layers=4, seed=5)).validate(signature(t5))  # same architecture and id: accepted
 
 
 def test_corrupt_plan_file_gives_one_line_error(tmp_path):

@@ -11,8 +11,9 @@ import pytest
 
 from skrr.io import atomic_write_json
 from skrr.experiments.store import Cell, StoreError
-from skrr.experiments.tables import (Column, MetricRecord, TableError, build_table, experiment_cells, load_table, make_table,
-                         read_metric, render_csv, render_latex, render_markdown, render_plot, status_lines)
+from skrr.experiments.reference import Column, build_table, load_table
+from skrr.experiments.render import make_table, render_csv, render_latex, render_markdown, render_plot
+from skrr.experiments.results import MetricRecord, TableError, experiment_cells, read_metric, status_lines
 
 REPO = Path(__file__).resolve().parent.parent
 INCEPTION = "inception-v3 (clean-fid torchscript, pool3 2048-d)"
@@ -39,8 +40,8 @@ paths: {root: ., results: "${paths.root}/results"}
 """,
     "pipeline/tiny.yaml": "name: tiny\n",
     "pipeline/big.yaml": "name: big\n",
-    "method/dense.yaml": "_target_: skrr.interface.Dense\n",
-    "method/skrr.yaml": "_target_: x.Skrr\nbeam_width: 3\n",
+    "method/dense.yaml": "name: dense\n",
+    "method/skrr.yaml": "name: skrr\nbeam_width: 3\n",
     "eval/none.yaml": "# @package eval\n{}\n",
     "eval/fid.yaml": "# @package eval.fid\nmetric: fid\n",
     "eval/geneval.yaml": "# @package eval.geneval\nmetric: geneval\n",
@@ -289,7 +290,7 @@ def test_plot_is_a_png(tmp_path: Path, config_dir: Path, cells: list) -> None:
 
 
 def test_cli_arguments() -> None:
-    from skrr.experiments.tables import parse_cli
+    from skrr.experiments.results import parse_cli
 
     allowed = {"table", "results", "plot"}
     assert parse_cli(["table=table1", "paths.results=/r"], allowed) == {"table": "table1", "results": "/r"}

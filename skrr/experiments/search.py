@@ -38,17 +38,6 @@ def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, s
                           device=device)
 
 
-def method_key(cfg: DictConfig) -> str:
-    """The method's one lowercase key (its config file name), e.g. 'skrr'."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get("method")
-        if choice:
-            return str(choice)
-    return str(cfg.get("method_name") or cfg.method._target_.rsplit(".", 1)[-1].lower())
-
-
 def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: PipelineSpec, device: torch.device,
                  sparsities: Sequence[float], results: Path) -> dict[float, PruningPlan]:
     """Plans for every target sparsity, from the shared plan cache or one search (then cached)."""

@@ -13,6 +13,7 @@ from skrr.interface import PruningMethod
 from skrr.io import atomic_write_text
 from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_text_encoder, text_encoder_of
 from skrr.plan import PruningPlan
+from skrr.surgery import signature
 from skrr.experiments.search import search_plans
 from skrr.experiments.store import Cell, CellStore
 from skrr.experiments.tracking import Tracker
@@ -39,7 +40,7 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
         return plan
     if cfg.plan_file:
         encoder, _ = load_text_encoder(spec, device)
-        plan = PruningPlan.from_json(cfg.plan_file).validate(encoder)
+        plan = PruningPlan.from_json(cfg.plan_file).validate(signature(encoder))
     else:
         targets = [float(cfg.sparsity), *map(float, cfg.search_sparsities)]
         plan = search_plans(cfg, method, method_name, spec, device, targets, store.results)[

@@ -111,6 +111,8 @@ MUTANTS = [
       "test_eval_geneval", "image y taken as pointing up"),
     m("geneval-half-rule", "eval/geneval.py", "    if dx < -0.5:", "    if dx < -0.4:", "test_eval_geneval",
       "the 0.5 rule"),
+    m("geneval-half-rule-below", "eval/geneval.py", "    if dy > 0.5:", "    if dy > 0.4:", "test_eval_geneval",
+      "the 0.5 rule, vertical"),
     m("geneval-exclude-gt", "eval/geneval.py", "        if len(detections.get(name, [])) >= count:",
       "        if len(detections.get(name, [])) > count:", "test_eval_geneval", "exclude clause off by one"),
     m("geneval-colour-all-objects", "eval/geneval.py", "found = list(detections.get(name, []))[:count]",

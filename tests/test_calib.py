@@ -119,6 +119,34 @@ def test_discrepancy_is_the_paper_formula(tokenizer):
     assert calib.discrepancy(plan) == pytest.approx(float(mse + mse_null), rel=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{"metric": "cosine"}, {"token_mask": True}, {"use_projection": False}])
+def test_ablation_flags_are_their_formulas_by_hand(tokenizer, kw):
+    # Table A13's ablations, written out from the encoder outputs (no CalibrationSet arithmetic):
+    # cosine = mean over tokens of 1 - cos; token_mask = MSE over valid tokens only; no projection = raw E(c).
+    from skrr import apply_plan
+
+    calib = make_calib(tokenizer, prompts=PROMPTS[:3], **kw)
+    plan = calib.identity.with_slots({1: None, 4: None})
+    pruned = apply_plan(calib.encoder, plan)
+    proj = calib.projection if kw.get("use_projection", True) else (lambda h: h)
+
+    def term(texts):
+        tok = tokenizer(texts, padding="max_length", max_length=48, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            a, b = (proj(m(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state).double()
+                    for m in (calib.encoder, pruned))
+        if kw.get("metric") == "cosine":
+            return (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean()
+        if kw.get("token_mask"):
+            valid = tok.attention_mask.bool()
+            return ((a - b) ** 2)[valid].mean()
+        return ((a - b) ** 2).mean()
+
+    expected = float(term(PROMPTS[:3]) + term([""]))
+    assert calib.discrepancy(plan) == pytest.approx(expected, rel=1e-4)
+    assert calib.discrepancies([plan])[0] == pytest.approx(expected, rel=1e-4)
+
+
 def test_null_prompt_flag_adds_the_empty_prompt_term(tokenizer):
     plan_skips = {2: None, 5: None}
     with_null = make_calib(tokenizer, null_prompt=True)

@@ -143,6 +143,16 @@ def test_relative_position_shrink_and_half_rule_by_hand():
     assert relative_position(det(50, 50, 60, 60), det(0, 0, 10, 10)) == {"right of", "below"}
 
 
+@pytest.mark.parametrize("sx, sy, expected", [(-1, -1, "above"), (1, -1, "above"), (-1, 1, "below"),
+                                               (1, 1, "below")])
+def test_relative_position_half_rule_boundary_on_every_side(sx, sy, expected):
+    # Point boxes (no shrink), unit direction (0.45, 0.893): only the axis beyond 0.5 gives a relation.
+    a, b = det(50, 50, 50, 50), det(50 - sx * 45, 50 - sy * 89.3, 50 - sx * 45, 50 - sy * 89.3)
+    assert relative_position(a, b) == {expected}
+    a, b = det(50, 50, 50, 50), det(50 - sy * 89.3, 50 - sx * 45, 50 - sy * 89.3, 50 - sx * 45)  # axes swapped
+    assert relative_position(a, b) == {"left of" if sy < 0 else "right of"}
+
+
 def test_task_scores_average_tasks_not_images():
     results = [{"tag": "single_object", "correct": True}] * 3 + [{"tag": "position", "correct": False}]
     per_task, overall = task_scores(results)

@@ -76,7 +76,9 @@ MUTANTS = [
     m("fid-against-itself", "eval/fid.py", "value = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)",
       "value = frechet_distance(mu_g, sigma_g, mu_g, sigma_g)", "test_eval_fid", "reference ignored"),
     m("fid-cache-key-no-backbone", "eval/fid.py", "json.dumps([backbone, mode, listing])",
-      "json.dumps([mode, listing])", "test_eval_fid", "two backbones share cached statistics"),
+      "json.dumps([mode, listing])", "test_eval_fid", "two backbones with one file-name slug share statistics"),
+    m("fid-cache-key-no-listing", "eval/fid.py", "json.dumps([backbone, mode, listing])",
+      "json.dumps([backbone, mode])", "test_eval_fid", "stale statistics after the reference folder changed"),
     m("score-no-mode-check", "eval/score.py", "            check_mode(spec.get(\"mode\", MODE), key=f\"eval.{key}.mode\")",
       "            pass", "test_eval_fid", "legacy mode found only after generation"),
     # ------------------------------------------------------------------ DreamSim

@@ -202,3 +202,18 @@ def test_fid_agrees_with_torchmetrics_on_the_same_features(tmp_path):
         fr, ff = (Pooled()(torch.from_numpy(a)).numpy() for a in (real, fake))
     ours = frechet_distance(*gaussian_stats(ff), *gaussian_stats(fr))
     assert ours > 1e-3 and ours == pytest.approx(float(tm.compute()), rel=1e-6)
+
+
+def test_reference_cache_follows_the_folder_contents_and_the_full_backbone_name(tmp_path):
+    _write_images(tmp_path / "ref", 8, seed=3, with_manifest=False)
+    feats = _Features()
+    long = "a backbone whose name is longer than the forty-character slug"
+    _, _, _, path = reference_stats(tmp_path / "ref", feats, long + " v1", cache_dir=tmp_path / "cache")
+    _, _, _, other = reference_stats(tmp_path / "ref", feats, long + " v2", cache_dir=tmp_path / "cache")
+    assert other != path  # same slug, different backbone: never the same statistics file
+    mu, _, _, _ = reference_stats(tmp_path / "ref", feats, long + " v1", cache_dir=tmp_path / "cache")
+    # Replace one reference image: the cached statistics no longer describe the folder and are recomputed.
+    first = sorted((tmp_path / "ref" / "images").glob("*.png"))[0]
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(first)
+    mu2, _, _, path2 = reference_stats(tmp_path / "ref", feats, long + " v1", cache_dir=tmp_path / "cache")
+    assert path2 != path and not np.allclose(mu, mu2)

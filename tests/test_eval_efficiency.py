@@ -144,3 +144,14 @@ def test_cuda_peak_is_measured_in_its_own_field_and_mem_stays_bf16_weights():
     assert r.peak_kind.startswith("cuda_peak") and r.peak_gib >= weight_bytes(pipe) / 1024**3
     assert r.memory_gib == pytest.approx(weight_bytes(pipe, bytes_per_element=2) / 1024**3)
     assert r.flops_device.startswith("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_and_cpu_counts_agree_for_the_tiny_pipeline():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from skrr.pipelines import build_tiny_pipeline
+
+    cpu = measure_cost(build_tiny_pipeline("t5", seed=0), _tiny_settings(2), device="cpu")
+    cuda = measure_cost(build_tiny_pipeline("t5", seed=0), _tiny_settings(2), device="cuda")
+    assert cuda.tflops == pytest.approx(cpu.tflops, rel=1e-9) and cuda.flops_device.startswith("cuda")

@@ -148,6 +148,14 @@ MUTANTS = [
       "float(xs.max()), float(ys.max())", "test_eval_geneval", "mask2bbox end"),
     m("geneval-crop-no-mask", "eval/geneval.py", "    if det.mask is not None:\n", "    if False:\n",
       "test_eval_geneval", "colour judged on the unmasked crop"),
+    # ------------------------------------------------------------------ prompt sets and pairing
+    m("prompts-subset-tail", "eval/prompts.py", "return PromptSet(name or f\"{self.name}_{n}\", self.prompts[:n], self.metadata[:n]",
+      "return PromptSet(name or f\"{self.name}_{n}\", self.prompts[-n:], self.metadata[-n:]",
+      "test_eval_generate test_eval_score test_eval_prepare_refs", "COCO-1k not the head of COCO-30k"),
+    m("prompts-coco-unsorted", "eval/prompts.py", "    ids = sorted(caps)", "    ids = list(caps)[::-1]",
+      "test_eval_generate test_eval_score test_eval_prepare_refs", "draw depends on the file's order"),
+    m("generate-seed-per-sample-only", "eval/generate.py", 'f"skrr-image:{seed}:{prompt_idx}:{sample_idx}"',
+      'f"skrr-image:{seed}:{sample_idx}"', "test_eval_generate", "every prompt starts from the same noise"),
     # ------------------------------------------------------------------ cost
     m("cost-no-cpu-attention", "eval/efficiency.py",
       "return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)", "return FlopCounterMode(display=False)",

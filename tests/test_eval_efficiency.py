@@ -71,6 +71,23 @@ def test_without_guidance_the_negative_prompt_and_cfg_batch_disappear():
     assert r.tflops * 1e12 == pytest.approx(2 * L * 16 * 32 + 4 * 2 * L * 32 * 32 + 2 * L * 32 * 8 + 2 * L * 8 * 3)
 
 
+class TwoCallPipeline(FakePipeline):
+    """Runs guidance as two denoiser calls per step (conditional, then unconditional), as some pipelines do."""
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, **kwargs):
+        x = self.text_encoder(torch.randn(len(prompt), L, 16))
+        for _ in range(num_inference_steps):
+            x = self.transformer(x) + self.transformer(x)
+        return SimpleNamespace(images=[self.vae.decode(x[-1:])])
+
+
+def test_every_denoiser_call_of_a_step_is_counted_and_extrapolated():
+    r = measure_cost(TwoCallPipeline(), GenerationSettings(num_inference_steps=10, guidance_scale=4.5), probe_steps=2)
+    assert r.flops_breakdown["denoiser_calls_per_step"] == 2
+    assert r.tflops * 1e12 == pytest.approx(2 * L * 16 * 32 + 10 * 2 * (2 * L * 32 * 32) + 2 * L * 32 * 8
+                                            + 2 * L * 8 * 3)
+
+
 def test_params_count_text_encoder_denoiser_and_vae_decoder_with_shared_tensors_once():
     pipe = FakePipeline()
     p = pipeline_params(pipe)

@@ -98,6 +98,7 @@ def run_cell(cfg: DictConfig) -> Path:
     if method == "dense" and sparsity != 0:
         raise SparsityError(f"method=dense prunes nothing; use sparsity=0 (got {sparsity})")
     spec = PipelineSpec.from_config(cfg.pipeline)
+    stages.generation_settings(cfg)  # refuses call_kwargs that contradict the pipeline's prompt encoding
     _, pruner = method_from_config(cfg.method)  # checks the method's settings before anything is written
     from eval.score import metric_specs
 

@@ -76,14 +76,14 @@ class FinerCut(PruningMethod):
             prefix_length(calib.encoder, list(range(n)), max_sparsity, "unit")  # fail now if out of reach
         mask_of = (lambda b: b.attention_mask) if calib.token_mask else (lambda b: None)
         # The dense raw output is cached once (FinerCut's reference), not the projected features of calib.
-        dense = [runner.forward(calib.identity, b.input_ids, b.attention_mask) for b in calib.batches]
+        dense = [runner.forward(calib.identity, b.input_ids, b.encoder_mask) for b in calib.batches]
         plan, order, scores, removed = calib.identity, [], [], 0
         while len(order) < steps:
             if self.num_steps is None and removed / total >= max_sparsity - SPARSITY_TOLERANCE:
                 break
             sums, counts = [0.0] * n, [0] * n
             for batch, ref in zip(calib.batches, dense):
-                h, ctx = runner.prepare(batch.input_ids, batch.attention_mask)
+                h, ctx = runner.prepare(batch.input_ids, batch.encoder_mask)
                 # Walk the stack once: ``h`` is the state before position u under the current plan, which every
                 # candidate that adds u shares (exact, it is the same computation), so each candidate runs only
                 # the positions after u.

@@ -51,7 +51,7 @@ def fewshot_batch(calib: "CalibrationSet", num: int) -> tuple[Batch, list[str]]:
     """The first ``num`` calibration prompts (calib's seeded sample), tokenized as calib tokenized them."""
     ids = torch.cat([b.input_ids for b in calib.batches])[:num]
     mask = torch.cat([b.attention_mask for b in calib.batches])[:num]
-    return Batch(ids, mask), calib.prompts[:num]
+    return Batch(ids, mask, calib.encoding.masks_encoder), calib.prompts[:num]
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ class LaCo(PruningMethod):
         batch, prompts = fewshot_batch(calib, self.num_fewshot)
         mask = batch.attention_mask if self.exclude_padding else None
         runner = StackRunner(encoder, "block")
-        dense = runner.forward(PruningPlan.identity(runner.signature, "block"), batch.input_ids, batch.attention_mask)
+        dense = runner.forward(PruningPlan.identity(runner.signature, "block"), batch.input_ids, batch.encoder_mask)
         groups: Groups = [(b,) for b in range(runner.signature.num_blocks)]
         snapshots, trials = [list(groups)], []
         high = min(self.layer_high, len(groups))
@@ -110,7 +110,7 @@ class LaCo(PruningMethod):
             candidate = groups[:l] + [merged] + groups[l + len(window):]
             # A fresh runner per candidate: a rejected merged block is not kept in memory.
             out = StackRunner(encoder, "block").forward(groups_to_plan(candidate, runner), batch.input_ids,
-                                                        batch.attention_mask)
+                                                        batch.encoder_mask)
             sim = output_similarity(dense, out, mask)
             accepted = sim > self.threshold
             trials.append({"layer": l, "blocks": list(merged), "similarity": sim, "accepted": accepted})

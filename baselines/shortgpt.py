@@ -32,7 +32,7 @@ def block_influence(calib: "CalibrationSet", exclude_padding: bool = True) -> li
     cos_sum = torch.zeros(n, dtype=torch.float64)
     tokens = 0
     for batch in calib.batches:
-        h, ctx = runner.prepare(batch.input_ids, batch.attention_mask)
+        h, ctx = runner.prepare(batch.input_ids, batch.encoder_mask)
         # ShortGPT averages over the tokens of the text; padding is not text (and PixArt-Σ masks it out of
         # cross-attention), so by default it is left out: otherwise BI would be weighted by prompt length.
         keep = batch.attention_mask.bool() if exclude_padding else torch.ones_like(batch.attention_mask).bool()

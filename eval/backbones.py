@@ -6,10 +6,7 @@ and that its numbers are for relative comparisons only (SPEC §7). Real backbone
 """
 from __future__ import annotations
 
-import gzip
 import logging
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,31 +87,14 @@ def efficientnet_perceptual(device: str | torch.device = "cpu") -> EfficientNetP
     return EfficientNetPerceptual(device)
 
 
-@lru_cache(maxsize=1)
-def _open_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges of OpenAI CLIP's BPE, from the copy bundled inside open_clip (real, offline)."""
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
-
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise MissingAssetError(f"open_clip's BPE vocabulary not found at {path}; reinstall open_clip_torch")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]  # the 48,894 merges CLIP uses
-    base = list(bytes_to_unicode().values())
-    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 def clip_tokenizer_offline() -> Any:
     """A transformers ``CLIPTokenizer`` with OpenAI CLIP's real vocabulary (49,408 tokens), built offline."""
-    from transformers import CLIPTokenizer
+    from skrr.tiny import clip_tokenizer
 
-    vocab, merges = _open_clip_bpe()
-    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
-    tok.model_max_length = 77
-    return tok
+    try:
+        return clip_tokenizer()
+    except FileNotFoundError as err:
+        raise MissingAssetError(str(err)) from err
 
 
 def tiny_clip(seed: int = 0, device: str | torch.device = "cpu", image_size: int = 32, width: int = 32,

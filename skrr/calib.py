@@ -17,8 +17,13 @@ plans at once with the same arithmetic and far less work (Skrr's search, SPEC §
   ``bound`` is dropped, since every remaining error term is >= 0 (D is a sum of non-negative terms). For a
   beam (``keep=k``) the bound comes from the plans themselves: after ∅, the 2k lowest are finished and the
   k-th of their D bounds the rest, which then cannot enter the beam (Alg. 1) once past it;
-- padding: with ``token_mask`` the padded tail is cut (valid tokens give it zero attention weight and it is
-  not scored); without it nothing is cut, because padded positions are scored and depend on the prompt.
+- padding: with ``token_mask`` the padded tail is cut where the pipeline gives the encoder its mask (PixArt-Σ:
+  valid tokens give the tail zero attention weight and it is not scored); without ``token_mask``, or for SD3
+  and FLUX (T5 runs without a mask, so valid tokens attend to the padding), nothing is cut.
+
+Prompts are tokenized and encoded as the pipeline's own ``encode_prompt`` does (``PromptEncoding``,
+skrr/encoding.py): same text cleaning, padding, truncation and encoder mask, so D is measured on the features
+the denoiser receives.
 
 Hidden states across calls (``PrefixStates``): a plan's hidden state at the input of every position, for
 every prompt and ∅. A plan that agrees with such a base on positions [0, p) starts at p from the stored state
@@ -45,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skrr.encoding import PromptEncoding
 from skrr.families import StackContext
 from skrr.plan import PruningPlan, Slot
 from skrr.surgery import StackRunner, default_granularity
@@ -116,10 +122,17 @@ def prompt_hash(prompts: Sequence[str]) -> str:
 
 @dataclass
 class Batch:
-    """Token ids and attention mask of one batch of prompts, padded as the pipeline pads."""
+    """Token ids and valid-token mask of one batch of prompts, padded as the pipeline pads; ``masks_encoder``:
+    whether the pipeline passes that mask to the encoder (PixArt-Σ yes, SD3/FLUX no: skrr/encoding.py)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    masks_encoder: bool = True
+
+    @property
+    def encoder_mask(self) -> torch.Tensor | None:
+        """What the encoder gets as ``attention_mask``, exactly as the pipeline calls it."""
+        return self.attention_mask if self.masks_encoder else None
 
 
 @dataclass
@@ -193,9 +206,17 @@ class CalibrationSet:
     """Tokenized calibration prompts + ∅, cached dense features, and ``discrepancy(plan)``."""
 
     def __init__(self, encoder: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                 projection: nn.Module | None = None, *, max_length: int = 300, metric: str = "mse",
-                 use_projection: bool = True, null_prompt: bool = True, token_mask: bool = False,
-                 batch_size: int = 16, granularity: str | None = None, device: str | torch.device = "cpu"):
+                 projection: nn.Module | None = None, *, encoding: PromptEncoding | None = None,
+                 max_length: int | None = None, metric: str = "mse", use_projection: bool = True,
+                 null_prompt: bool = True, token_mask: bool = False, batch_size: int = 16,
+                 granularity: str | None = None, device: str | torch.device = "cpu"):
+        # How the pipeline runs its encoder (PipelineSpec.encoding); without one, the encoder on its own with
+        # its mask, padded to max_length.
+        if encoding is None:
+            encoding = PromptEncoding("plain", 300 if max_length is None else max_length)
+        elif max_length is not None and max_length != encoding.max_length:
+            raise ValueError(f"max_length={max_length} contradicts the encoding's {encoding.max_length}; "
+                             f"give one of them")
         if metric not in METRICS:
             raise ValueError(f"calib.metric must be one of {METRICS}, got {metric!r}")
         if use_projection and projection is None:
@@ -203,11 +224,14 @@ class CalibrationSet:
         self.encoder = encoder.eval()
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
-        self.max_length = max_length
+        self.encoding = encoding
+        self.max_length = encoding.max_length
         self.metric = metric
         self.use_projection = use_projection
         self.null_prompt = null_prompt
         self.token_mask = token_mask
+        # Cut the padded tail (token_mask only) where valid tokens never attend to it: the encoder gets the mask.
+        self._cut = token_mask and encoding.masks_encoder
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = next(encoder.parameters()).dtype
@@ -216,15 +240,15 @@ class CalibrationSet:
         self.batches = [self._tokenize(self.prompts[i:i + batch_size])
                         for i in range(0, len(self.prompts), batch_size)]
         self.null_batch = self._tokenize([""]) if null_prompt else None
-        self.dense = [self.features(self.runner.forward(self.identity, b.input_ids, b.attention_mask))
+        self.dense = [self.features(self.runner.forward(self.identity, b.input_ids, b.encoder_mask))
                       for b in self.batches]
         self.dense_null = (self.features(self.runner.forward(self.identity, self.null_batch.input_ids,
-                                                             self.null_batch.attention_mask))
+                                                             self.null_batch.encoder_mask))
                            if null_prompt else None)
         # Every prompt in order, then ∅: the rows of a PrefixStates.
         every = self.batches + ([self.null_batch] if null_prompt else [])
         self._row_ids = torch.cat([b.input_ids for b in every])
-        self._row_mask = torch.cat([b.attention_mask for b in every])
+        self._row_mask = torch.cat([b.attention_mask for b in every]) if encoding.masks_encoder else None
         self._row_contexts: dict[int, list[tuple[slice, StackContext]]] = {}
         # Slot keys as small integers for the plan tree (0 = skipped), and the module of each code.
         self._codes: dict[Any, int] = {None: 0}
@@ -236,10 +260,9 @@ class CalibrationSet:
 
     # ----------------------------------------------------------------- set-up
     def _tokenize(self, texts: Sequence[str]) -> Batch:
-        # The pipelines pad to max length (PixArt-Σ 300, SD3 256, FLUX 512 tokens; SPEC §1 trap 3).
-        tok = self.tokenizer(list(texts), padding="max_length", max_length=self.max_length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt")
-        return Batch(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
+        # As the pipeline tokenizes: padded to max length (PixArt-Σ 300, SD3 256, FLUX 512; SPEC §1 trap 3).
+        ids, mask = self.encoding.tokenize(self.tokenizer, texts)
+        return Batch(ids.to(self.device), mask.to(self.device), self.encoding.masks_encoder)
 
     @property
     def identity(self) -> PruningPlan:
@@ -256,6 +279,7 @@ class CalibrationSet:
     def settings(self) -> dict[str, Any]:
         """What changes the discrepancy (part of the plan cache key)."""
         return {"prompt_hash": self.hash, "num_prompts": len(self.prompts), "max_length": self.max_length,
+                "encoding": self.encoding.describe(),
                 "metric": self.metric, "use_projection": self.use_projection, "null_prompt": self.null_prompt,
                 "token_mask": self.token_mask, "dtype": str(self.dtype).replace("torch.", "")}
 
@@ -305,7 +329,7 @@ class CalibrationSet:
     @torch.no_grad()
     def encode(self, plan: PruningPlan) -> list[torch.Tensor]:
         """Features of every calibration batch under ``plan``."""
-        return [self.features(self.runner.forward(plan, b.input_ids, b.attention_mask)) for b in self.batches]
+        return [self.features(self.runner.forward(plan, b.input_ids, b.encoder_mask)) for b in self.batches]
 
     @torch.no_grad()
     def discrepancy(self, plan: PruningPlan) -> float:
@@ -316,7 +340,7 @@ class CalibrationSet:
         d = self._mean_distance(self.encode(plan), self.dense, self.batches)
         if self.null_prompt:
             self.stats.token_evals += runs * self.null_batch.input_ids.numel()
-            null = self.features(self.runner.forward(plan, self.null_batch.input_ids, self.null_batch.attention_mask))
+            null = self.features(self.runner.forward(plan, self.null_batch.input_ids, self.null_batch.encoder_mask))
             d += self._mean_distance([null], [self.dense_null], [self.null_batch])
         return d
 
@@ -342,7 +366,7 @@ class CalibrationSet:
         if parent is not None:
             states = parent.states[:start + 1]
         else:
-            states = [torch.cat([self.runner.prepare(self._row_ids[rows], self._row_mask[rows])[0]
+            states = [torch.cat([self.runner.prepare(self._row_ids[rows], self._rows_mask(rows))[0]
                                  for rows, _ in self._contexts(max_rows)])]
         for pos in range(start, len(keys)):
             h = states[-1]
@@ -353,12 +377,15 @@ class CalibrationSet:
             states.append(h)
         return PrefixStates(keys, states)
 
+    def _rows_mask(self, rows: slice) -> torch.Tensor | None:
+        return None if self._row_mask is None else self._row_mask[rows]
+
     def _contexts(self, max_rows: int) -> list[tuple[slice, StackContext]]:
         """Row slices of at most ``max_rows`` prompts (∅ last) and their masks, built once per size."""
         if max_rows not in self._row_contexts:
             total = self._row_ids.shape[0]
             self._row_contexts[max_rows] = [
-                (rows, self.runner.prepare(self._row_ids[rows], self._row_mask[rows])[1])
+                (rows, self.runner.prepare(self._row_ids[rows], self._rows_mask(rows))[1])
                 for rows in (slice(a, min(a + max_rows, total)) for a in range(0, total, max_rows))]
         return self._row_contexts[max_rows]
 
@@ -386,8 +413,8 @@ class CalibrationSet:
         self.stats.plans += len(plans)
         n = len(plans)
         codes, inits = [], []
-        # With token_mask the dense reference is recomputed on the cut input: the identity, last.
-        for p in list(plans) + ([self.identity] if self.token_mask else []):
+        # With a cut input (token_mask, masked encoder) the dense reference is recomputed on it: the identity, last.
+        for p in list(plans) + ([self.identity] if self._cut else []):
             own = plan_keys(p)
             start, base = max(((b.start(own), -i) for i, b in enumerate(bases)), default=(0, 0))
             # Positions before the start are already in the base's state: nothing runs there.
@@ -411,7 +438,7 @@ class CalibrationSet:
         def run(chunk: _Chunk, members: list[int]) -> None:
             key = tuple(members)
             if key not in schedules:  # the tree depends on the plans only: rebuild it when some were dropped
-                rows = members + ([n] if self.token_mask else [])
+                rows = members + ([n] if self._cut else [])
                 schedules[key] = self._schedule(code_matrix[rows], [inits[i] for i in rows])
             sums = self._run_tree(chunk, schedules[key], max_rows, bases)  # [members, prompts], float64
             target = sums_n if chunk.null else sums_p
@@ -488,7 +515,7 @@ class CalibrationSet:
                               torch.cat([dense[i:i + 1] for _, dense, i in parts]))
 
     def _chunk(self, indices: list[int], ids: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> _Chunk:
-        if not self.token_mask:
+        if not self._cut:  # SD3/FLUX: valid tokens attend to the padding, which then is part of the input
             return _Chunk(indices, ids, mask, dense)
         # Valid tokens never attend to the padded tail and the tail is not scored: cut it off (exact up to
         # rounding; the dense side is recomputed on the same cut input by the tree).
@@ -540,7 +567,7 @@ class CalibrationSet:
         The hidden state holds one block of the chunk's prompts per tree node, node-major.
         """
         runner = self.runner
-        h, ctx = runner.prepare(chunk.input_ids, chunk.attention_mask)
+        h, ctx = runner.prepare(chunk.input_ids, chunk.attention_mask if self.encoding.masks_encoder else None)
         prompts, length = h.shape[0], h.shape[1]
         if schedule.inits != [None]:
             # The chunk's rows of each stored state (∅ is the last row; token_mask: the cut length).

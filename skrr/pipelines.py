@@ -2,7 +2,10 @@
 
 Real pipelines come from a hub id or a local folder (``pipeline.model_id``), with a revision and dtype;
 weights are never downloaded by tests. ``kind=tiny`` builds a PixArt-Σ pipeline from configs offline in
-seconds, with either a tiny random T5 or the real all-MiniLM-L6-v2 (pip-shipped weights) as text encoder.
+seconds, with either a tiny random T5 or the real all-MiniLM-L6-v2 (pip-shipped weights) as text encoder;
+``kind=tiny_sd3`` (tiny T5 + CLIP-L/G, SD3 MMDiT) and ``kind=tiny_flux`` (tiny CLIP-L + T5, FLUX MMDiT) do the
+same for SD3 and FLUX. ``PipelineSpec.encoding`` is how each kind runs its T5 (skrr/encoding.py), shared by
+calibration and generation.
 """
 from __future__ import annotations
 
@@ -16,23 +19,25 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from skrr.encoding import PromptEncoding
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
-# Per kind: diffusers pipeline class, subfolder of the T5 text encoder, tokenizer subfolder, and the name of
-# the denoiser's module that maps text features to its width (SPEC §2: f = proj(E(c))).
-KINDS: dict[str, dict[str, str]] = {
-    "pixart_sigma": {"pipeline": "PixArtSigmaPipeline", "text_encoder": "text_encoder", "tokenizer": "tokenizer",
-                     "projection": "caption_projection"},
-    "sd3": {"pipeline": "StableDiffusion3Pipeline", "text_encoder": "text_encoder_3", "tokenizer": "tokenizer_3",
-            "projection": "context_embedder"},
-    "flux": {"pipeline": "FluxPipeline", "text_encoder": "text_encoder_2", "tokenizer": "tokenizer_2",
-             "projection": "context_embedder"},
-    "tiny": {"pipeline": "PixArtSigmaPipeline", "text_encoder": "text_encoder", "tokenizer": "tokenizer",
-             "projection": "caption_projection"},
-}
+# Per kind: diffusers pipeline class, subfolder of the T5 text encoder, tokenizer subfolder, the name of
+# the denoiser's module that maps text features to its width (SPEC §2: f = proj(E(c))), and the family whose
+# encode_prompt it runs (skrr/encoding.py). The tiny kinds are the same classes built from configs.
+_PIXART = {"pipeline": "PixArtSigmaPipeline", "text_encoder": "text_encoder", "tokenizer": "tokenizer",
+           "projection": "caption_projection", "family": "pixart_sigma"}
+_SD3 = {"pipeline": "StableDiffusion3Pipeline", "text_encoder": "text_encoder_3", "tokenizer": "tokenizer_3",
+        "projection": "context_embedder", "family": "sd3"}
+_FLUX = {"pipeline": "FluxPipeline", "text_encoder": "text_encoder_2", "tokenizer": "tokenizer_2",
+         "projection": "context_embedder", "family": "flux"}
+KINDS: dict[str, dict[str, str]] = {"pixart_sigma": _PIXART, "sd3": _SD3, "flux": _FLUX,
+                                    "tiny": _PIXART, "tiny_sd3": _SD3, "tiny_flux": _FLUX}
+TINY_KINDS = ("tiny", "tiny_sd3", "tiny_flux")
 
 
 class ModelUnavailableError(RuntimeError):
@@ -51,6 +56,7 @@ class PipelineSpec:
     max_sequence_length: int = 300
     text_encoder: str = "t5"  # tiny only: "t5" (random) or "minilm" (real pretrained weights)
     seed: int = 0  # tiny only: weight seed
+    clean_caption: bool = True  # PixArt-Σ only: diffusers' __call__ cleans captions by default
 
     @classmethod
     def from_config(cls, cfg: Any) -> "PipelineSpec":
@@ -61,11 +67,24 @@ class PipelineSpec:
                              f"(configs/pipeline/)")
         if spec.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {spec.dtype!r}; choose one of {sorted(DTYPES)}")
+        if "clean_caption" in cfg and cfg["clean_caption"] and KINDS[spec.kind]["family"] != "pixart_sigma":
+            raise ValueError(f"pipeline.clean_caption is a PixArt-Σ setting; {spec.kind} does not clean "
+                             f"captions, remove it")
+        if spec.kind in ("tiny_sd3", "tiny_flux") and spec.text_encoder != "t5":
+            raise ValueError(f"{spec.kind} prunes a tiny T5; set pipeline.text_encoder=t5")
+        spec.encoding  # noqa: B018 -- refuse a bad length now, in one line
         return spec
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def encoding(self) -> PromptEncoding:
+        """How this pipeline runs its T5 on prompts (calibration and generation share it; skrr/encoding.py)."""
+        family = KINDS[self.kind]["family"]
+        return PromptEncoding(family, self.max_sequence_length,
+                              clean_caption=self.clean_caption and family == "pixart_sigma")
 
 
 def _hub_call(spec: PipelineSpec, what: str, fn: Callable[[], Any]) -> Any:
@@ -132,13 +151,59 @@ def build_tiny_pipeline(text_encoder: str = "t5", seed: int = 0) -> Any:
     return pipe
 
 
+def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
+    """An SD3 pipeline from configs, offline, in seconds: tiny CLIP-L and CLIP-G (OpenAI CLIP's real BPE
+    tokenizer), the tiny T5 of ``tiny``, a 2-layer SD3 MMDiT and a tiny VAE, all random."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from skrr import tiny
+
+    t5, t5_tokenizer = tiny_text_encoder("t5", seed)
+    # SD3 pads CLIP-L ⊕ CLIP-G features to T5's width: 16 + 16 <= 32 (diffusers' encode_prompt).
+    clip_l = tiny.tiny_clip_text(2, 16, seed + 1, projection=True, real_vocab=True, name="skrr/tiny-clip-l")
+    clip_g = tiny.tiny_clip_text(2, 16, seed + 2, projection=True, real_vocab=True, name="skrr/tiny-clip-g")
+    transformer = tiny.tiny_sd3_transformer(t5.config.d_model, 2 * clip_l.config.projection_dim, seed)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny.tiny_vae(seed, 0.0),
+        text_encoder=clip_l, tokenizer=tiny.clip_tokenizer(), text_encoder_2=clip_g, tokenizer_2=tiny.clip_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_flux_pipeline(seed: int = 0) -> Any:
+    """A FLUX pipeline from configs, offline, in seconds: tiny CLIP-L (pooled output; OpenAI CLIP's real BPE
+    tokenizer), the tiny T5 of ``tiny``, a FLUX MMDiT with one double and one single block, a tiny VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from skrr import tiny
+
+    t5, t5_tokenizer = tiny_text_encoder("t5", seed)
+    clip_l = tiny.tiny_clip_text(2, 16, seed + 1, real_vocab=True, name="skrr/tiny-clip-l")
+    transformer = tiny.tiny_flux_transformer(t5.config.d_model, clip_l.config.hidden_size, seed)
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                        vae=tiny.tiny_vae(seed, 0.0), text_encoder=clip_l, tokenizer=tiny.clip_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny(spec: PipelineSpec) -> Any:
+    """The tiny pipeline of a spec (kind tiny, tiny_sd3 or tiny_flux)."""
+    if spec.kind == "tiny_sd3":
+        return build_tiny_sd3_pipeline(spec.seed)
+    if spec.kind == "tiny_flux":
+        return build_tiny_flux_pipeline(spec.seed)
+    return build_tiny_pipeline(spec.text_encoder, spec.seed)
+
+
 # --------------------------------------------------------------------------------------------- real pipelines
 def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_encoder: nn.Module | None = None) -> Any:
     """The whole diffusers pipeline (optionally with a given, e.g. pruned, text encoder)."""
-    if spec.kind == "tiny":
-        pipe = build_tiny_pipeline(spec.text_encoder, spec.seed)
+    if spec.kind in TINY_KINDS:
+        pipe = _tiny(spec)
         if text_encoder is not None:
-            pipe.text_encoder = text_encoder
+            set_text_encoder(pipe, spec, text_encoder)
         return pipe.to(device)
     import diffusers
 
@@ -151,8 +216,8 @@ def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_e
 
 def load_text_encoder(spec: PipelineSpec, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """The pipeline's T5 text encoder and tokenizer alone (what Skrr prunes), without the denoiser."""
-    if spec.kind == "tiny":
-        encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)
+    if spec.kind in TINY_KINDS:
+        encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)  # the T5 every tiny kind uses
         return encoder.to(device), tokenizer
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -170,9 +235,8 @@ def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cp
     Only the projection's tensors are read from the (possibly sharded) transformer checkpoint, so FLUX's
     12 B denoiser is never loaded for calibration.
     """
-    if spec.kind == "tiny":
-        pipe = build_tiny_pipeline(spec.text_encoder, spec.seed)
-        return getattr(pipe.transformer, KINDS["tiny"]["projection"]).to(device).eval()
+    if spec.kind in TINY_KINDS:
+        return getattr(_tiny(spec).transformer, KINDS[spec.kind]["projection"]).to(device).eval()
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
 
@@ -206,12 +270,13 @@ def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cp
 def projection_from_config(kind: str, config: dict[str, Any]) -> nn.Module:
     """An empty caption projection with the shapes of a denoiser config (diffusers' own classes)."""
     inner = config["num_attention_heads"] * config["attention_head_dim"]
-    if kind in ("pixart_sigma", "tiny"):
+    if KINDS[kind]["family"] == "pixart_sigma":
         from diffusers.models.embeddings import PixArtAlphaTextProjection
 
         return PixArtAlphaTextProjection(in_features=config["caption_channels"], hidden_size=inner)
     in_features = config.get("joint_attention_dim", 4096)
-    return nn.Linear(in_features, config.get("caption_projection_dim", inner) if kind == "sd3" else inner)
+    return nn.Linear(in_features, config.get("caption_projection_dim", inner) if KINDS[kind]["family"] == "sd3"
+                     else inner)
 
 
 def caption_projection_of(pipe: Any) -> nn.Module:

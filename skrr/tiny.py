@@ -1,4 +1,4 @@
-"""Tiny models built from configs, offline, in seconds: encoders, a SentencePiece T5 tokenizer, a PixArt-Σ pipeline.
+"""Tiny models built from configs, offline, in seconds: encoders, tokenizers, PixArt-Σ / SD3 / FLUX denoisers.
 
 Random weights; for tests, the offline demo, and for anyone who wants to try the code path without weights.
 The shapes follow the real families (T5 v1.1 gated-GELU with relative bias in block 0, pre-LN CLIP text,
@@ -6,7 +6,10 @@ post-LN BERT); the sizes are small enough that a whole pipeline runs in well und
 """
 from __future__ import annotations
 
+import gzip
 import io
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,17 +72,51 @@ def tiny_t5(num_layers: int = 4, d_model: int = 32, d_ff: int = 64, num_heads: i
     return model
 
 
-def tiny_clip_text(num_layers: int = 3, hidden: int = 32, seed: int = 0, projection: bool = False) -> Any:
-    """A pre-LN CLIP text encoder (causal attention, quick-GELU), random weights, eval."""
+def tiny_clip_text(num_layers: int = 3, hidden: int = 32, seed: int = 0, projection: bool = False,
+                   real_vocab: bool = False, projection_dim: int = 16, name: str = "skrr/tiny-clip-text") -> Any:
+    """A pre-LN CLIP text encoder (causal attention, quick-GELU), random weights, eval.
+
+    ``real_vocab``: OpenAI CLIP's 49,408 tokens and 77 positions, for ``clip_tokenizer()`` (tiny pipelines).
+    """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=num_layers, num_attention_heads=4, max_position_embeddings=32,
-                         projection_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg._name_or_path = "skrr/tiny-clip-text"
+    vocab = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                 pad_token_id=49407) if real_vocab else dict(vocab_size=100, max_position_embeddings=32,
+                                                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                         num_attention_heads=4, projection_dim=projection_dim, **vocab)
+    cfg._name_or_path = name
     torch.manual_seed(seed)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     return cls(cfg).eval()
+
+
+@lru_cache(maxsize=1)
+def _open_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of OpenAI CLIP's BPE, from the copy bundled inside open_clip (real, offline)."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip's BPE vocabulary not found at {path}; reinstall open_clip_torch")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]  # the 48,894 merges CLIP uses
+    base = list(bytes_to_unicode().values())
+    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizer() -> Any:
+    """A transformers ``CLIPTokenizer`` with OpenAI CLIP's real vocabulary (49,408 tokens, 77 positions),
+    built offline from open_clip's bundled BPE (SD3's and FLUX's CLIP tokenizers use this vocabulary)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _open_clip_bpe()
+    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
+    tok.model_max_length = 77
+    return tok
 
 
 def tiny_bert(num_layers: int = 3, hidden: int = 32, seed: int = 0) -> Any:
@@ -107,11 +144,38 @@ def tiny_pixart_transformer(caption_channels: int, seed: int = 0) -> Any:
     ).eval()
 
 
-def tiny_vae(seed: int = 0) -> Any:
-    """A one-level AutoencoderKL with 4 latent channels (x8 down-sampling is not needed at this size)."""
+def tiny_vae(seed: int = 0, shift_factor: float | None = None) -> Any:
+    """A one-level AutoencoderKL with 4 latent channels (x8 down-sampling is not needed at this size);
+    SD3 and FLUX read a ``shift_factor``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                         shift_factor=shift_factor).eval()
+
+
+def tiny_sd3_transformer(joint_attention_dim: int, pooled_projection_dim: int, seed: int = 0) -> Any:
+    """A 2-layer SD3 MMDiT for 4-channel latents up to 32x32; ``context_embedder`` maps T5's width in."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim, caption_projection_dim=16,
+        pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=32,
+    ).eval()
+
+
+def tiny_flux_transformer(joint_attention_dim: int, pooled_projection_dim: int, seed: int = 0) -> Any:
+    """A FLUX MMDiT (one double, one single block) on 2x2-packed 4-channel latents, with guidance embedding
+    as FLUX.1-dev; ``context_embedder`` maps T5's width in."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ).eval()

@@ -32,7 +32,7 @@ def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, s
     prompts = sample_prompts(load_prompts(path, c.column), c.num_calib_prompts, c.seed)
     log.info("calibration: %d prompts from %s (hash %s)", len(prompts), path, prompt_hash(prompts))
     projection = load_caption_projection(spec, device) if c.use_projection else None
-    return CalibrationSet(encoder, tokenizer, prompts, projection, max_length=spec.max_sequence_length,
+    return CalibrationSet(encoder, tokenizer, prompts, projection, encoding=spec.encoding,
                           metric=c.metric, use_projection=c.use_projection, null_prompt=c.null_prompt,
                           token_mask=c.token_mask, batch_size=c.batch_size, granularity=granularity,
                           device=device)
@@ -48,7 +48,9 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
     calib_cfg = OmegaConf.to_container(cfg.calib, resolve=True) if name != "dense" else {}
     # The targets are part of the key: a beam search run further can pick a different best path, so a
     # plan is only shared between cells that asked for the same set of targets (one experiment's cells).
-    key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.max_sequence_length}",
+    # The pipeline (its caption projection) and how it encodes prompts change D, hence the plans.
+    encoding = ",".join(f"{k}={v}" for k, v in spec.encoding.describe().items())
+    key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.kind}|{spec.model_id}|{encoding}",
                     calib_cfg, {"name": name, "targets": [_skey(s) for s in sparsities],
                                 **_jsonable(method.settings())})
     path = cache.path(sig.model_id or sig.arch, name, key)
@@ -63,7 +65,7 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
                 found = {s: identity_plan(encoder).with_meta(target_sparsity=0.0, realized_sparsity=0.0)
                          for s in sparsities}
             elif not method.needs_calibration:  # weights only: skip encoding 1k prompts
-                calib = CalibrationSet(encoder, tokenizer, [""], None, max_length=spec.max_sequence_length,
+                calib = CalibrationSet(encoder, tokenizer, [""], None, encoding=spec.encoding,
                                        use_projection=False, null_prompt=False, device=device,
                                        granularity=_granularity(method, encoder))
                 found = method.search_many(calib, sparsities)

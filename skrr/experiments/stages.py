@@ -65,12 +65,16 @@ def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device)
 
 
 def generation_settings(cfg: DictConfig) -> Any:
-    """The pipeline's generation settings, with its token length in the call (SPEC §1 trap 3)."""
+    """The pipeline's generation settings; the call encodes prompts as calibration did (the pipeline's
+    ``PromptEncoding``: token length, PixArt-Σ's caption cleaning; SPEC §1 trap 3)."""
     from eval.score import settings_from_config
 
-    call = {**OmegaConf.to_container(cfg.pipeline.call_kwargs, resolve=True),
-            "max_sequence_length": int(cfg.pipeline.max_sequence_length)}
-    return settings_from_config(cfg.pipeline.generation, call, seed=int(cfg.seed))
+    extra = OmegaConf.to_container(cfg.pipeline.call_kwargs, resolve=True)
+    encoding = PipelineSpec.from_config(cfg.pipeline).encoding.call_kwargs()
+    for key in sorted(set(extra) & set(encoding)):
+        raise ValueError(f"pipeline.call_kwargs.{key} would make generation encode prompts unlike calibration; "
+                         f"remove it and set pipeline.{key} instead")
+    return settings_from_config(cfg.pipeline.generation, {**extra, **encoding}, seed=int(cfg.seed))
 
 
 def _generate_into(cfg: DictConfig, pipe: "LazyPipeline", root: Path) -> dict:

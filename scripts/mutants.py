@@ -192,7 +192,7 @@ MUTANTS = [
       "                count = int(mask.sum())", "test_calib", "token-mask MSE divides by tokens, not elements"),
     m("calib-mask-ignored", "skrr/calib.py", "                err = err * mask.unsqueeze(-1).to(err.dtype)\n", "",
       "test_calib", "token_mask scores padding anyway"),
-    m("calib-no-padding", "skrr/calib.py", 'padding="max_length", max_length=self.max_length',
+    m("calib-no-padding", "skrr/encoding.py", 'padding="max_length", max_length=self.max_length',
       "padding=True, max_length=self.max_length", "test_calib", "prompts not padded as the pipeline pads"),
     m("calib-sample-unsorted", "skrr/calib.py", "idx = sorted(random.Random(seed).sample(range(len(prompts)), num))",
       "idx = random.Random(seed).sample(range(len(prompts)), num)", "test_calib", "file order lost"),

@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt requirements-nodeps.txt | sha256sum | cut -c1-12)
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_SILENT=true
 
-.PHONY: install demo test test-slow test-gpu table1 table2 table3 reuse projection sd3 tables status clean-venv
+.PHONY: install demo test test-slow test-gpu table1 table2 table3 reuse projection sd3 sd2 sd2_tiny tables status clean-venv
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -m gpu
 
-table1 table2 table3 reuse projection sd3: $(STAMP)
+table1 table2 table3 reuse projection sd3 sd2 sd2_tiny: $(STAMP)
 	$(PY) scripts/make_table.py table=$@
 
 tables: $(STAMP)

@@ -110,7 +110,8 @@ def run_cell(cfg: DictConfig) -> Path:
     log.info("cell %s -> %s", cell.label(), store.dir)
     with stages.tracker_for(cfg, store) as tracker:
         plan = stages.search(cfg, store, method, pruner, spec, device, tracker)
-        pipe = stages.LazyPipeline(spec, plan, device)
+        pipe = stages.LazyPipeline(spec, plan, device, call=stages.denoiser_call(cfg),
+                                   report_path=store.dir / "denoiser.json")
         if "generate" in cfg.stages:
             stages.generate(cfg, store, pipe, tracker)
         if "score" in cfg.stages:

@@ -3,7 +3,8 @@
 - ``baselines.shortgpt.ShortGPT``  whole blocks, lowest Block Influence first (arXiv 2403.03853)
 - ``baselines.laco.LaCo``          RDSC layer merging with a similarity threshold (arXiv 2402.11187)
 - ``baselines.finercut.FinerCut``  greedy removal of attention/FFN sub-blocks (arXiv 2405.18218)
-- ``baselines.magnitude.Magnitude`` unstructured |w| pruning of linear weights (arXiv 2411.15113)
+- ``baselines.magnitude.Magnitude`` unstructured |w| pruning of linear weights (arXiv 2411.15113), also SD2's U-Net
+- ``baselines.wanda.Wanda``        unstructured |w| x ||x|| pruning (arXiv 2306.11695), the SD2 study's comparison
 
 The submodules are not imported here (the experiment layer imports them all to find their registrations);
 this module holds the few helpers they share and ``prune_encoder``, the one call that turns any method's plan
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
     from skrr.interface import PruningMethod
 
-__all__ = ["base_meta", "changes_encoder", "check_reuse_order", "prefix_plans", "prune_encoder", "with_reuse"]
+__all__ = ["base_meta", "changes_encoder", "check_reuse_order", "prefix_plans", "prune_denoiser", "prune_encoder",
+           "with_reuse"]
 log = logging.getLogger(__name__)
 
 
@@ -66,17 +68,41 @@ def check_reuse_order(order: str) -> str:
     return order
 
 
+# Plans whose slots are the identity and whose rule zeroes weights (meta key -> module with ``apply``).
+WEIGHT_RULES = ("magnitude", "wanda")
+
+
 def changes_encoder(plan: PruningPlan) -> bool:
-    """Whether ``prune_encoder`` changes anything: a non-identity plan, or a magnitude plan (identity slots)."""
-    return not plan.is_identity or "magnitude" in plan.meta
+    """Whether ``prune_encoder`` changes anything: a non-identity plan, or a magnitude/Wanda plan (identity
+    slots, zeroed weights) -- including one that prunes only the denoiser (``meta['denoiser']``)."""
+    return not plan.is_identity or any(k in plan.meta for k in WEIGHT_RULES) or "denoiser" in plan.meta
 
 
 def prune_encoder(encoder: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
     """The pruned encoder of any method's plan: ``apply_plan`` for skip/re-use/merge plans, and for
     magnitude plans (identity slots + a |w| rule in ``meta['magnitude']``) the encoder with weights zeroed.
     """
-    if "magnitude" in plan.meta:
-        from baselines import magnitude
+    import importlib
 
-        return magnitude.apply(encoder, plan, inplace=inplace)
+    for key in WEIGHT_RULES:
+        if key in plan.meta:
+            return importlib.import_module(f"baselines.{key}").apply(encoder, plan, inplace=inplace)
     return apply_plan(encoder, plan, inplace=inplace)
+
+
+def prune_denoiser(pipe: Any, denoiser: nn.Module, plan: PruningPlan, call: dict[str, Any]) -> dict[str, Any] | None:
+    """Prune the denoiser in place by the plan's ``meta['denoiser']`` rule (SD2 study: magnitude; or Wanda on
+    activations of real denoising steps, ``call`` = the pipeline call's size/steps/guidance); returns the
+    report (sparsity as the study defines it and of all parameters, bytes), or None when the plan has none."""
+    setting = plan.meta.get("denoiser")
+    if not setting:
+        return None
+    if setting["method"] == "magnitude":
+        from baselines.magnitude import prune_denoiser_
+
+        return prune_denoiser_(denoiser, setting["sparsity"], setting["scope"], setting["weights"])
+    if setting["method"] == "wanda":
+        from baselines.wanda import prune_denoiser_ as wanda_denoiser_
+
+        return wanda_denoiser_(pipe, denoiser, setting, call)
+    raise ValueError(f"unknown denoiser pruning method {setting['method']!r} in the plan")

@@ -6,12 +6,14 @@ What you import to prune an encoder: ``PruningPlan`` (the one contract every met
 ``eval``, ``baselines`` or ``skrr.experiments`` (the experiment layer built on top of it), nor Hydra or W&B.
 """
 from skrr.calib import CalibrationSet
+from skrr.export import ExportError, export_pruned, load_pruned, load_pruned_from_dense
 from skrr.interface import METHODS, MethodError, PruningMethod, build_method, register_method
 from skrr.method import Skrr, reuse_phase
 from skrr.plan import EncoderSignature, PlanError, PruningPlan, Slot
 from skrr.surgery import (StackRunner, Unit, apply_plan, count_params, identity_plan, realized_sparsity,
                           signature, units)
 
-__all__ = ["METHODS", "CalibrationSet", "EncoderSignature", "MethodError", "PlanError", "PruningMethod", "PruningPlan",
-           "Skrr", "Slot", "StackRunner", "Unit", "apply_plan", "build_method", "count_params", "identity_plan",
-           "realized_sparsity", "register_method", "reuse_phase", "signature", "units"]
+__all__ = ["METHODS", "CalibrationSet", "EncoderSignature", "ExportError", "MethodError", "PlanError", "PruningMethod",
+           "PruningPlan", "Skrr", "Slot", "StackRunner", "Unit", "apply_plan", "build_method", "count_params",
+           "export_pruned", "identity_plan", "load_pruned", "load_pruned_from_dense", "realized_sparsity",
+           "register_method", "reuse_phase", "signature", "units"]

@@ -1,4 +1,4 @@
-"""How each pipeline runs its T5 text encoder on a prompt: one definition for calibration and generation.
+"""How each pipeline runs its text encoder (T5, or SD2's CLIP) on a prompt: one definition for calibration and generation.
 
 SPEC §1 trap 3: Skrr's discrepancy must be computed on the features the denoiser actually receives, so the
 calibration set tokenizes and encodes exactly as the pipeline's own ``encode_prompt`` does, and generation
@@ -12,13 +12,19 @@ passes the same length (and caption cleaning) to the pipeline call. Read from di
   ``text_encoder_3(ids)[0]``, no mask; ``encode_prompt`` puts these rows after CLIP-L/G's 77.
 - FLUX, ``flux/pipeline_flux.py``, ``FluxPipeline._get_t5_prompt_embeds``:
   ``text_encoder_2(ids, output_hidden_states=False)[0]``, no mask.
+- SD2, ``stable_diffusion/pipeline_stable_diffusion.py``, ``StableDiffusionPipeline.encode_prompt``: its CLIP
+  text encoder, ``text_encoder(ids, attention_mask=None)[0]`` with ``clip_skip=None`` (the output after the final
+  layer norm), 77 positions; the U-Net's cross-attention reads it directly.
 
-All three tokenize with ``padding="max_length"``, ``max_length=max_sequence_length``, ``truncation=True`` and
-special tokens (``</s>`` last), and cast the output to the text encoder's dtype. So every prompt has
+All of them tokenize with ``padding="max_length"``, ``max_length=max_sequence_length``, ``truncation=True`` and
+special tokens, and cast the output to the text encoder's dtype. So every prompt has
 ``max_sequence_length`` positions; without the mask (SD3, FLUX) valid tokens attend to the padding and the
 denoiser sees T5's output at every padded position, so there the padded positions are part of what is scored
-and cannot be cut off (``CalibrationSet``). Tests compare ``PromptEncoding`` with what each real pipeline
-class hands its denoiser (tests/test_encoding.py), so a diffusers change that this file misses fails there.
+and cannot be cut off (``CalibrationSet``). SD2 pads to the tokenizer's ``model_max_length`` (77) and passes a mask
+only when the encoder's config sets ``use_attention_mask`` (SD2's OpenCLIP ViT-H does not); its ``__call__`` has no
+``max_sequence_length`` argument, so the length is the pipeline config's and nothing is passed at generation.
+Tests compare ``PromptEncoding`` with what each real pipeline class hands its denoiser (tests/test_encoding.py,
+tests/test_sd2.py), so a diffusers change that this file misses fails there.
 """
 from __future__ import annotations
 
@@ -39,6 +45,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
                       "StableDiffusion3Pipeline._get_t5_prompt_embeds"},
     "flux": {"mask": False, "cleans_captions": False,
              "source": "diffusers/pipelines/flux/pipeline_flux.py: FluxPipeline._get_t5_prompt_embeds"},
+    # SD2's CLIP text encoder: encode_prompt passes the mask only if text_encoder.config.use_attention_mask
+    # (not set for SD2), takes output [0] (last_hidden_state, after final_layer_norm) with clip_skip=None.
+    "sd2": {"mask": False, "cleans_captions": False, "length_kwarg": False,
+            "source": "diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py: "
+                      "StableDiffusionPipeline.encode_prompt"},
     # A text encoder on its own (no pipeline): masked, no caption cleaning. Scripts and unit tests.
     "plain": {"mask": True, "cleans_captions": False, "source": "the encoder's own forward with its mask"},
 }
@@ -99,6 +110,8 @@ class PromptEncoding:
 
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the pipeline call that make generation encode the same way."""
+        if not FAMILIES[self.family].get("length_kwarg", True):
+            return {}  # SD2: the tokenizer's model_max_length is the length; the call takes no such argument
         kwargs: dict[str, Any] = {"max_sequence_length": self.max_length}
         if FAMILIES[self.family]["cleans_captions"]:
             kwargs["clean_caption"] = self.clean_caption

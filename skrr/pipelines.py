@@ -4,7 +4,8 @@ Real pipelines come from a hub id or a local folder (``pipeline.model_id``), wit
 weights are never downloaded by tests. ``kind=tiny`` builds a PixArt-Σ pipeline from configs offline in
 seconds, with either a tiny random T5 or the real all-MiniLM-L6-v2 (pip-shipped weights) as text encoder;
 ``kind=tiny_sd3`` (tiny T5 + CLIP-L/G, SD3 MMDiT) and ``kind=tiny_flux`` (tiny CLIP-L + T5, FLUX MMDiT) do the
-same for SD3 and FLUX. ``PipelineSpec.encoding`` is how each kind runs its T5 (skrr/encoding.py), shared by
+same for SD3 and FLUX, and ``kind=tiny_sd2`` (tiny CLIP text + U-Net) for Stable Diffusion 2, whose U-Net can be
+pruned too (the SD2 study, arXiv 2411.15113). ``PipelineSpec.encoding`` is how each kind runs its T5 (skrr/encoding.py), shared by
 calibration and generation.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from skrr.encoding import PromptEncoding
+from skrr.plan import PlanError
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,15 @@ _SD3 = {"pipeline": "StableDiffusion3Pipeline", "text_encoder": "text_encoder_3"
         "projection": "context_embedder", "family": "sd3"}
 _FLUX = {"pipeline": "FluxPipeline", "text_encoder": "text_encoder_2", "tokenizer": "tokenizer_2",
          "projection": "context_embedder", "family": "flux"}
-KINDS: dict[str, dict[str, str]] = {"pixart_sigma": _PIXART, "sd3": _SD3, "flux": _FLUX,
-                                    "tiny": _PIXART, "tiny_sd3": _SD3, "tiny_flux": _FLUX}
-TINY_KINDS = ("tiny", "tiny_sd3", "tiny_flux")
+# SD2: the U-Net reads the CLIP text features directly in its cross-attention (to_k/to_v of every attn2), so
+# there is no projection module: the features the denoiser receives are the encoder's output itself.
+_SD2 = {"pipeline": "StableDiffusionPipeline", "text_encoder": "text_encoder", "tokenizer": "tokenizer",
+        "projection": "", "family": "sd2", "denoiser": "unet"}
+KINDS: dict[str, dict[str, str]] = {"pixart_sigma": _PIXART, "sd3": _SD3, "flux": _FLUX, "sd2": _SD2,
+                                    "tiny": _PIXART, "tiny_sd3": _SD3, "tiny_flux": _FLUX, "tiny_sd2": _SD2}
+TINY_KINDS = ("tiny", "tiny_sd3", "tiny_flux", "tiny_sd2")
+# SD2's encode_prompt pads to the tokenizer's model_max_length (CLIP: 77 positions).
+SD2_LENGTH = 77
 
 
 class ModelUnavailableError(RuntimeError):
@@ -72,6 +80,9 @@ class PipelineSpec:
                              f"captions, remove it")
         if spec.kind in ("tiny_sd3", "tiny_flux") and spec.text_encoder != "t5":
             raise ValueError(f"{spec.kind} prunes a tiny T5; set pipeline.text_encoder=t5")
+        if KINDS[spec.kind]["family"] == "sd2" and spec.max_sequence_length != SD2_LENGTH:
+            raise ValueError(f"SD2 encodes {SD2_LENGTH} CLIP positions (the tokenizer's model_max_length); set "
+                             f"pipeline.max_sequence_length={SD2_LENGTH}")
         spec.encoding  # noqa: B018 -- refuse a bad length now, in one line
         return spec
 
@@ -91,6 +102,8 @@ def _hub_call(spec: PipelineSpec, what: str, fn: Callable[[], Any]) -> Any:
     """Run a from_pretrained call; turn 'not downloadable / not cached' into one clear line."""
     try:
         return fn()
+    except PlanError:
+        raise  # a plan of another encoder is not a download problem
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = "a local folder" if Path(spec.model_id).exists() else "the Hugging Face cache"
@@ -188,8 +201,35 @@ def build_tiny_flux_pipeline(seed: int = 0) -> Any:
     return pipe
 
 
+def tiny_sd2_text_encoder(seed: int = 0) -> tuple[nn.Module, Any]:
+    """(CLIPTextModel, CLIPTokenizer) of ``tiny_sd2``: 3 random pre-LN CLIP blocks of width 32 over OpenAI
+    CLIP's real vocabulary and 77 positions (SD2's OpenCLIP ViT-H text encoder has 23 blocks of width 1024)."""
+    from skrr import tiny
+
+    encoder = tiny.tiny_clip_text(3, 32, seed + 1, real_vocab=True, name="skrr/tiny-sd2-clip")
+    return encoder, tiny.clip_tokenizer()
+
+
+def build_tiny_sd2_pipeline(seed: int = 0) -> Any:
+    """A Stable Diffusion 2 pipeline from configs, offline, in seconds: the tiny CLIP text encoder above, a
+    two-level U-Net with cross-attention (UNet2DConditionModel, linear projections as SD2), a tiny VAE, DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from skrr import tiny
+
+    encoder, tokenizer = tiny_sd2_text_encoder(seed)
+    pipe = StableDiffusionPipeline(vae=tiny.tiny_vae(seed), text_encoder=encoder, tokenizer=tokenizer,
+                                   unet=tiny.tiny_unet(encoder.config.hidden_size, seed),
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _tiny(spec: PipelineSpec) -> Any:
-    """The tiny pipeline of a spec (kind tiny, tiny_sd3 or tiny_flux)."""
+    """The tiny pipeline of a spec (kind tiny, tiny_sd3, tiny_flux or tiny_sd2)."""
+    if spec.kind == "tiny_sd2":
+        return build_tiny_sd2_pipeline(spec.seed)
     if spec.kind == "tiny_sd3":
         return build_tiny_sd3_pipeline(spec.seed)
     if spec.kind == "tiny_flux":
@@ -215,26 +255,65 @@ def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_e
 
 
 def load_text_encoder(spec: PipelineSpec, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """The pipeline's T5 text encoder and tokenizer alone (what Skrr prunes), without the denoiser."""
+    """The pipeline's pruned text encoder (T5; SD2: CLIP) and tokenizer alone, without the denoiser."""
+    if spec.kind == "tiny_sd2":
+        encoder, tokenizer = tiny_sd2_text_encoder(spec.seed)
+        return encoder.to(device), tokenizer
     if spec.kind in TINY_KINDS:
         encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)  # the T5 every tiny kind uses
         return encoder.to(device), tokenizer
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     sub = KINDS[spec.kind]
-    encoder = _hub_call(spec, "text encoder", lambda: T5EncoderModel.from_pretrained(
+    cls = CLIPTextModel if sub["family"] == "sd2" else T5EncoderModel
+    encoder = _hub_call(spec, "text encoder", lambda: cls.from_pretrained(
         spec.model_id, subfolder=sub["text_encoder"], revision=spec.revision, torch_dtype=spec.torch_dtype))
     tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
         spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
     return encoder.eval().to(device), tokenizer
 
 
+def load_pruned_text_encoder(spec: PipelineSpec, plan: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """The plan's pruned T5 text encoder and tokenizer, reading only the kept tensors of the dense checkpoint.
+
+    The dense encoder never exists in memory or on the device: a meta skeleton gets the plan, then each kept
+    tensor is read from the (local or cached, sharded or not) safetensors files, cast to the pipeline dtype
+    and put on ``device`` (skrr.export.load_pruned_from_dense). Tiny pipelines have no checkpoint: their
+    encoder is built in memory and pruned with apply_plan.
+    """
+    from skrr.surgery import apply_plan
+
+    if spec.kind in TINY_KINDS:
+        encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)
+        return apply_plan(encoder, plan, inplace=True).to(device), tokenizer
+    from transformers import AutoTokenizer
+
+    from skrr.export import ExportError, load_pruned_from_dense
+
+    sub = KINDS[spec.kind]
+
+    def load() -> nn.Module:
+        try:
+            return load_pruned_from_dense(spec.model_id, plan, spec.torch_dtype, device, sub["text_encoder"],
+                                          spec.revision)
+        except ExportError as err:  # a checkpoint that is there but unusable: its own one-line reason
+            raise ModelUnavailableError(f"cannot load the text encoder of {spec.model_id!r}: {err}") from err
+
+    encoder = _hub_call(spec, "text encoder", load)
+    tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
+        spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
+    return encoder, tokenizer
+
+
 def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cpu") -> nn.Module:
     """The denoiser's caption projection alone (PixArt ``caption_projection``, SD3/FLUX ``context_embedder``).
 
     Only the projection's tensors are read from the (possibly sharded) transformer checkpoint, so FLUX's
-    12 B denoiser is never loaded for calibration.
+    12 B denoiser is never loaded for calibration. SD2 has none (identity: its U-Net's cross-attention reads
+    the encoder output as is).
     """
+    if not KINDS[spec.kind]["projection"]:
+        return nn.Identity()
     if spec.kind in TINY_KINDS:
         return getattr(_tiny(spec).transformer, KINDS[spec.kind]["projection"]).to(device).eval()
     from huggingface_hub import hf_hub_download
@@ -281,6 +360,8 @@ def projection_from_config(kind: str, config: dict[str, Any]) -> nn.Module:
 
 def caption_projection_of(pipe: Any) -> nn.Module:
     """The caption projection inside an already loaded pipeline."""
+    if getattr(pipe, "transformer", None) is None and getattr(pipe, "unet", None) is not None:
+        return nn.Identity()  # SD2: cross-attention reads the text features directly
     transformer = pipe.transformer
     for name in ("caption_projection", "context_embedder"):
         if hasattr(transformer, name):
@@ -291,6 +372,12 @@ def caption_projection_of(pipe: Any) -> nn.Module:
 def text_encoder_of(pipe: Any, spec: PipelineSpec) -> nn.Module:
     """The T5 text encoder of a loaded pipeline (SD3: text_encoder_3, FLUX: text_encoder_2)."""
     return getattr(pipe, KINDS[spec.kind]["text_encoder"])
+
+
+def denoiser_of(pipe: Any) -> nn.Module:
+    """The denoiser of a loaded pipeline (SD2: ``unet``; PixArt-Σ, SD3, FLUX: ``transformer``)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def set_text_encoder(pipe: Any, spec: PipelineSpec, encoder: nn.Module) -> None:

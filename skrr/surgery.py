@@ -36,7 +36,8 @@ def count_params(module: nn.Module | Iterable[nn.Parameter]) -> int:
     total = 0
     for p in params:
         # Tied weights can be distinct Parameter objects over one storage: key on the storage when it exists.
-        key = id(p) if p.device.type == "meta" else (p.untyped_storage().data_ptr(), p.storage_offset(),
+        # Quantized weights (torchao tensor subclasses) have no storage of their own: key on the object.
+        key = id(p) if p.device.type == "meta" or hasattr(p, "__tensor_flatten__") else (p.untyped_storage().data_ptr(), p.storage_offset(),
                                                       tuple(p.shape), tuple(p.stride()))
         if key not in seen:
             seen.add(key)

@@ -179,3 +179,17 @@ def tiny_flux_transformer(joint_attention_dim: int, pooled_projection_dim: int, 
         num_attention_heads=2, joint_attention_dim=joint_attention_dim,
         pooled_projection_dim=pooled_projection_dim, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
     ).eval()
+
+
+def tiny_unet(cross_attention_dim: int, seed: int = 0) -> Any:
+    """A two-level SD2-style U-Net (UNet2DConditionModel: ResNet + cross-attention transformer blocks with
+    linear projections, as stable-diffusion-2-1-base) for 4-channel latents, random weights, eval."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+        use_linear_projection=True,
+    ).eval()

@@ -98,7 +98,7 @@ def test_pruned_features_are_what_the_pruned_pipeline_feeds_its_denoiser(kind):
     cfg, spec, _, calib = kind
     plan = pruned_plan(calib.encoder)
     got = calib_features(calib, plan)
-    pipe = pruned_pipeline(spec, plan, torch.device("cpu"))  # what generation runs
+    pipe, _ = pruned_pipeline(spec, plan, torch.device("cpu"))  # what generation runs
     assert text_encoder_of(pipe, spec).pruning_plan.slots == plan.slots
     want = denoiser_features(pipe, spec, cfg, PROMPTS)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -66,7 +66,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
     (["method.state_cache_gib=-1"], "method: state_cache_gib must be >= 0"),
     (["method=laco", "method.merge_layers=1"], "method: laco.merge_layers (C) must be >= 2"),
     (["+method.beam=3"], "method.beam: skrr has no setting 'beam'"),
-    (["method.name=nope"], "unknown method 'nope'; registered: dense, finercut, laco, magnitude, shortgpt, skrr"),
+    (["method.name=nope"], "unknown method 'nope'; registered: dense, finercut, laco, magnitude, shortgpt, skrr, wanda"),
     (["eval=offline", "eval.fid.mode=legacy_pytorch"], "eval.fid.mode='legacy_pytorch' is not supported"),
 ])
 def test_bad_method_settings_are_one_line_and_write_nothing(tmp_path, overrides, message):

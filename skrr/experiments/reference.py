@@ -18,7 +18,7 @@ from skrr.experiments.results import (CONFIG_DIR, SPARSITY_TOL, STAND_IN, CellRe
 from skrr.experiments.store import Cell
 
 METHOD_LABELS = {"dense": "Dense", "shortgpt": "ShortGPT", "laco": "LaCo", "finercut": "FinerCut",
-                 "skrr": "Skrr", "magnitude": "Magnitude"}
+                 "skrr": "Skrr", "magnitude": "Magnitude", "wanda": "Wanda"}
 
 
 # ---------------------------------------------------------------------------- table specs
@@ -56,6 +56,7 @@ class RowSpec:
     paper_sparsity: float | None = None  # percent, as the paper prints it
     supported: bool = True
     note: str = ""
+    x: float | None = None  # plot position in percent when the plotted sparsity is not the cell's (SD2's U-Net)
 
     def matches(self, cell: Cell) -> bool:
         return (cell.method == self.method and cell.tag == self.tag
@@ -78,6 +79,7 @@ class TableSpec:
     rows: tuple[RowSpec, ...]
     notes: tuple[str, ...] = ()
     plot: bool = True
+    x_label: str = "realized sparsity (%)"  # the plot's x axis (rows with ``x`` use their own position)
 
 
 def load_table(name: str, config_dir: Path = CONFIG_DIR) -> TableSpec:
@@ -97,7 +99,8 @@ def load_table(name: str, config_dir: Path = CONFIG_DIR) -> TableSpec:
         if unknown:
             raise TableError(f"configs/table/{name}.yaml: paper values for unknown columns {unknown}")
         return TableSpec(raw.get("name", name), raw.get("title", name), raw["experiment"], columns, tuple(rows),
-                         tuple(raw.get("notes", ())), bool(raw.get("plot", True)))
+                         tuple(raw.get("notes", ())), bool(raw.get("plot", True)),
+                         str(raw.get("x_label", "realized sparsity (%)")))
     except (KeyError, TypeError) as err:
         raise TableError(f"configs/table/{name}.yaml is malformed ({type(err).__name__}: {err})") from err
 

@@ -254,7 +254,8 @@ def render_plot(table: Table) -> bytes | None:
         for gi, (name, group) in enumerate(groups.items()):
             rows = [r for r in group if encoder_of(r) == encoder]
             color = colors[gi % len(colors)]
-            pts = sorted((100 * (r.realized if r.realized is not None else r.target), r.values[c.key].ours)
+            pts = sorted((r.spec.x if r.spec.x is not None else 100 * (r.realized if r.realized is not None
+                                                                           else r.target), r.values[c.key].ours)
                          for r in rows if r.values[c.key].ours is not None)
             paper = sorted((r.spec.paper_sparsity, r.values[c.key].paper) for r in rows
                            if r.values[c.key].paper is not None and r.spec.paper_sparsity is not None)
@@ -272,7 +273,7 @@ def render_plot(table: Table) -> bytes | None:
         stand_in = any(not r.values[c.key].comparable for r in table.rows if r.values[c.key].ours is not None)
         title = (c.label or c.key) + (" [stand-in backbone]" if stand_in else "")
         ax.set_title(title if len(encoders) == 1 else f"{encoder}: {title}", fontsize=9)
-        ax.set_xlabel("realized sparsity (%)", fontsize=8)
+        ax.set_xlabel(table.spec.x_label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:

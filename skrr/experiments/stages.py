@@ -10,8 +10,9 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from skrr.interface import PruningMethod
-from skrr.io import atomic_write_text
-from skrr.pipelines import PipelineSpec, load_pipeline, load_text_encoder, set_text_encoder, text_encoder_of
+from skrr.io import atomic_write_json, atomic_write_text
+from skrr.pipelines import (PipelineSpec, denoiser_of, load_pipeline, load_pruned_text_encoder, load_text_encoder,
+                            set_text_encoder, text_encoder_of)
 from skrr.plan import PruningPlan
 from skrr.surgery import signature
 from skrr.experiments.search import search_plans
@@ -52,16 +53,39 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
     return plan
 
 
-def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device) -> Any:
-    """The pipeline with its T5 (or tiny) text encoder replaced by the plan's physically smaller one."""
-    from baselines import changes_encoder, prune_encoder  # apply_plan, or magnitude's zeroed weights
+def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device,
+                    call: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """The pipeline with its text encoder replaced by the plan's physically smaller one (or its weights zeroed),
+    and its denoiser pruned when the plan carries a denoiser rule (the SD2 study); returns (pipe, denoiser report).
 
+    The denoiser is pruned before the encoder: Wanda's U-Net activations come from denoising steps conditioned
+    on the dense encoder's features, as the encoder's own norms come from the dense encoder."""
+    from baselines import WEIGHT_RULES, changes_encoder, prune_denoiser, prune_encoder  # or zeroed weights
+
+    weight_rules = any(k in plan.meta for k in WEIGHT_RULES) or "denoiser" in plan.meta
+    if changes_encoder(plan) and not plan.merged and not weight_rules:
+        # Skip / re-use plans: read only the kept tensors of the dense checkpoint, cast each one, straight
+        # to the device (the dense encoder never exists); the pipeline then loads without its text encoder.
+        encoder, _ = load_pruned_text_encoder(spec, plan, device)
+        return load_pipeline(spec, device, text_encoder=encoder), None
+    # LaCo merges compute new weights, magnitude and Wanda zero inside tensors: they need the dense encoder.
     pipe = load_pipeline(spec, device)
+    report = None
+    if "denoiser" in plan.meta:
+        report = prune_denoiser(pipe, denoiser_of(pipe), plan, call or {})
     if changes_encoder(plan):
         encoder = text_encoder_of(pipe, spec)
         set_text_encoder(pipe, spec, prune_encoder(encoder, plan))
         del encoder  # the dropped weights are freed here
-    return pipe
+    return pipe, report
+
+
+def denoiser_call(cfg: DictConfig) -> dict[str, Any]:
+    """The pipeline-call settings under which Wanda records the denoiser's activations: the cell's size, steps
+    and guidance (one sample per calibration prompt)."""
+    s = generation_settings(cfg)
+    return {"height": s.height, "width": s.width, "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale, **s.call_kwargs}
 
 
 def generation_settings(cfg: DictConfig) -> Any:
@@ -89,13 +113,19 @@ class LazyPipeline:
     ``plan=None`` is the dense pipeline. Callable like the diffusers pipeline it stands for.
     """
 
-    def __init__(self, spec: PipelineSpec, plan: PruningPlan | None, device: torch.device):
+    def __init__(self, spec: PipelineSpec, plan: PruningPlan | None, device: torch.device,
+                 call: dict[str, Any] | None = None, report_path: Path | None = None):
         self.spec, self.plan, self.device, self._pipe = spec, plan, device, None
+        self.call, self.report_path = call, report_path  # denoiser pruning: Wanda's calls; where its report goes
 
     def get(self) -> Any:
         if self._pipe is None:
-            self._pipe = (load_pipeline(self.spec, self.device) if self.plan is None
-                          else pruned_pipeline(self.spec, self.plan, self.device))
+            if self.plan is None:
+                self._pipe = load_pipeline(self.spec, self.device)
+            else:
+                self._pipe, report = pruned_pipeline(self.spec, self.plan, self.device, self.call)
+                if report is not None and self.report_path is not None:
+                    atomic_write_json(self.report_path, report)
         return self._pipe
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -106,8 +136,11 @@ class LazyPipeline:
         from baselines import changes_encoder
 
         dense = self.plan is None or not changes_encoder(self.plan)
-        return {"pipeline": self.spec.name, "model_id": self.spec.model_id, "revision": self.spec.revision,
-                "plan": "dense" if dense else self.plan.fingerprint()}
+        identity = {"pipeline": self.spec.name, "model_id": self.spec.model_id, "revision": self.spec.revision,
+                    "plan": "dense" if dense else self.plan.fingerprint()}
+        if not dense and "denoiser" in self.plan.meta:  # the U-Net rule changes the images too
+            identity["denoiser"] = self.plan.meta["denoiser"]
+        return identity
 
 
 def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tracker) -> None:

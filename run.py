@@ -250,11 +250,12 @@ def pick_device(name: str) -> Any:
 def run_cell(cfg: DictConfig) -> Path:
     """All stages of one cell; returns the cell folder. Every input is checked before the first stage, and a
     failure before any stage finished leaves nothing behind."""
+    from eval.score import metric_specs
     from skrr.experiments import stages
     from skrr.experiments.methods import method_from_config
+    from skrr.experiments.store import Cell, CellStore
     from skrr.interface import SparsityError, check_sparsity
     from skrr.pipelines import PipelineSpec
-    from skrr.experiments.store import Cell, CellStore
 
     if cfg.get("cell") is not None:
         check_number(cfg, "cell", whole=True, example="0")
@@ -269,6 +270,7 @@ def run_cell(cfg: DictConfig) -> Path:
     stages.generation_settings(cfg)  # refuses call_kwargs that contradict the pipeline's prompt encoding
     _, pruner = method_from_config(cfg.method)  # checks the method's settings before anything is written
     check_method_values(cfg.method, pruner)
+    metric_specs(cfg.eval)  # an unknown metric or an unsupported FID mode is refused before anything is written
     device = pick_device(cfg.device)
     results = Path(cfg.paths.results)
     cell = Cell(spec.name, method, sparsity, int(cfg.seed), cfg.tag or "")

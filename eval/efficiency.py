@@ -3,12 +3,19 @@
 - Params: text encoder(s) + denoiser + VAE decoder path (``post_quant_conv`` + ``decoder``; the encoder half
   of the VAE never runs in text-to-image), shared tensors counted once (``skrr.count_params``). Dense
   PixArt-Σ: 4,762,310,656 + 610,856,096 + 49,490,199 = 5.42 B.
-- Memory: CUDA peak allocated during one generation when the pipeline is on a CUDA device; otherwise the
-  bf16 byte count of those weights (the paper's column is about bf16 weights + 0.08 GiB), labelled so.
+- Memory ("Mem", Table 2): the bf16 byte count of those weights (params + buffers), as the paper defines the
+  column (PixArt-Σ: 5.42 B x 2 bytes + buffers = 10.11 GiB; the paper prints 10.18), on every device.
+  On CUDA the peak allocated during the probe generation (weights + activations) is measured too and kept
+  in its own field, ``peak_gib``; it is never put in the Mem column.
 - TFLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` around every call the pipeline makes to
   each component during a short real run, then encoder calls + steps x denoiser calls + VAE decode. Under
   classifier-free guidance the pipeline encodes the negative prompt too and runs the denoiser on a batch
   of 2, and both are counted as they happen. FLOPs of a multiply-add count 2, as torch counts them.
+  torch has flop formulas for the CUDA attention kernels (flash, efficient, cuDNN) but none for the fused
+  CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``), MPS's or the "overrideable" one, which it
+  would count as 0 (the tiny PixArt-Σ at 64x64: 130 M instead of 375 M FLOPs per image). Those get torch's own
+  ``sdpa_flop_count`` (QK^T and AV matmuls, the count the CUDA kernels and the math backend give), so the
+  number is the same on every device; the result records the device and this counting method.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from eval import EvalError
 from eval.generate import GenerationSettings
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 TEXT_ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DENOISER_KEYS = ("transformer", "unet")
+MEMORY_KIND = "bf16_weight_bytes_gib (the paper's Mem: weights in bf16, params + buffers)"
 
 
 def text_encoders(pipeline: Any) -> dict[str, nn.Module]:
@@ -88,13 +96,32 @@ def weight_bytes(pipeline: Any, bytes_per_element: int | None = None) -> int:
     return sum(t.numel() * (bytes_per_element or t.element_size()) for t in _unique_tensors(modules))
 
 
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                **kwargs: Any) -> int:
+    """torch's count for an SDPA call (two matmuls), for the fused kernels torch has no formula for."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Fused attention ops whose FLOPs FlopCounterMode would count as 0 (torch 2.x registers only the CUDA ones).
+_UNCOUNTED_ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math_for_mps",
+                        "_scaled_dot_product_fused_attention_overrideable")
+ATTENTION_FLOPS = {getattr(torch.ops.aten, n): _sdpa_flops for n in _UNCOUNTED_ATTENTION if hasattr(torch.ops.aten, n)}
+FLOPS_METHOD = ("torch.utils.flop_counter.FlopCounterMode; fused SDPA kernels without a torch formula "
+                "(CPU, MPS) counted by torch's sdpa_flop_count, as the CUDA kernels and the math backend are")
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that counts attention on every device (see the module docstring)."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+
+
 @contextmanager
 def _counting(obj: Any, method: str, tally: dict[str, float], key: str) -> Iterator[None]:
     """Wrap ``obj.<method>``: each call adds its FLOPs to ``tally[key]`` and 1 to ``tally[key + '_calls']``."""
     original = getattr(obj, method)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             out = original(*args, **kwargs)
         tally[key] += counter.get_total_flops()
         tally[key + "_calls"] += 1
@@ -118,6 +145,10 @@ class CostResult:
     weights_gib_bf16: float
     tflops: float
     flops_breakdown: dict[str, float] = field(default_factory=dict)
+    peak_gib: float | None = None
+    peak_kind: str = "not measured (no CUDA)"
+    flops_device: str = "cpu"
+    flops_method: str = FLOPS_METHOD
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -154,15 +185,18 @@ def measure_cost(pipeline: Any, settings: GenerationSettings = GenerationSetting
     flops = tally["encoder"] + denoise_total + tally["vae_decoder"]
     params = pipeline_params(pipeline)
     bf16 = weight_bytes(pipeline, bytes_per_element=2) / GIB
+    peak, peak_kind = None, "not measured (no CUDA)"
     if dev.type == "cuda":
-        memory, kind = torch.cuda.max_memory_allocated(dev) / GIB, "cuda_peak_allocated_gib"
-    else:
-        memory, kind = bf16, "bf16_weight_bytes_gib (no CUDA: weights only, not measured)"
+        peak = torch.cuda.max_memory_allocated(dev) / GIB
+        peak_kind = (f"cuda_peak_allocated_gib ({torch.cuda.get_device_name(dev)}, one {settings.height}x"
+                     f"{settings.width} generation, weights in {next(denoiser(pipeline).parameters()).dtype})")
     breakdown = {"encoder_tflops": tally["encoder"] / 1e12, "encoder_calls": tally["encoder_calls"],
                  "denoiser_tflops_per_call": per_call / 1e12, "denoiser_calls_per_step": calls_per_step,
                  "steps": settings.num_inference_steps, "denoiser_tflops": denoise_total / 1e12,
                  "vae_decoder_tflops": tally["vae_decoder"] / 1e12, "height": settings.height,
                  "width": settings.width, "guidance_scale": settings.guidance_scale}
-    log.info("cost: %.3f B params, %.2f GiB (%s), %.2f TFLOPs/image", params["total"] / 1e9, memory, kind, flops / 1e12)
-    return CostResult(params, params["total"] / 1e9, memory, kind, bf16, flops / 1e12, breakdown)
+    log.info("cost: %.3f B params, %.2f GiB bf16 weights (peak %s), %.2f TFLOPs/image on %s", params["total"] / 1e9,
+             bf16, "n/a" if peak is None else f"{peak:.2f} GiB", flops / 1e12, dev)
+    return CostResult(params, params["total"] / 1e9, bf16, MEMORY_KIND, bf16, flops / 1e12, breakdown, peak, peak_kind,
+                      str(dev), FLOPS_METHOD)
 

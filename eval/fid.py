@@ -6,6 +6,10 @@
 - Reference statistics (mu, sigma) are computed once per (reference folder, backbone, mode) and cached as
   ``<cache>/fid_stats/*.npz`` where ``<cache>`` is the config's ``cache_dir``, else ``$SKRR_CACHE``, else
   ``~/.cache/skrr`` -- never inside site-packages, where clean-fid's own ``make_custom_stats`` writes.
+- Only ``mode="clean"`` is accepted. clean-fid's ``legacy_tensorflow`` feeds unresized images to an Inception
+  that resizes inside the network, and ``legacy_pytorch`` uses pytorch-fid's re-ported Inception weights;
+  neither matches our extractor contract (299x299 in, resize outside), so ``check_mode`` refuses them in one
+  line instead of failing on Inception's 299-pixel assert or scoring with the wrong network.
 - The Fréchet distance is our own closed form (symmetric eigendecompositions, float64) rather than
   clean-fid's ``frechet_distance``, which calls ``scipy.linalg.sqrtm(disp=False)`` (removed in SciPy 1.18).
 """
@@ -35,6 +39,15 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 INCEPTION_NAME = "inception-v3 (clean-fid torchscript, pool3 2048-d)"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def check_mode(mode: str, key: str = "eval.fid.mode") -> str:
+    """``mode`` if it is clean-fid's "clean"; otherwise one line naming the setting and the fix."""
+    if mode != MODE:
+        raise EvalError(f"{key}={mode!r} is not supported: clean-fid's legacy modes need its own legacy Inception "
+                        f"pipeline, not this extractor (299x299 resized outside); use {key}=clean (clean-fid, "
+                        f"as the paper's FID)")
+    return mode
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -76,6 +89,7 @@ def image_features(files: list[Path], extractor: Any, device: str | torch.device
     """Features of image files through clean-fid's resize pipeline (no DataParallel; workers only decode/resize)."""
     from cleanfid.fid import get_files_features
 
+    check_mode(mode)
     if not files:
         raise EvalError("no images to compute FID features from; check the image folder")
     with torch.inference_mode():
@@ -140,6 +154,7 @@ def fid_dir(extractor: Any, images_dir: str | Path, ref_dir: str | Path, backbon
             mode: str = MODE, device: str | torch.device = "cpu", batch_size: int = 32,
             cache_dir: str | Path | None = None, num_workers: int = 0) -> FidResult:
     """FID between the images listed in ``images_dir/manifest.jsonl`` and the reference folder."""
+    check_mode(mode)
     backbone = backbone or getattr(extractor, "name", type(extractor).__name__)
     images_dir = Path(images_dir)
     files = [images_dir / r["file"] for r in complete_manifest(images_dir)]

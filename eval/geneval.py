@@ -14,8 +14,12 @@ Where this can differ from the official evaluator (also in docs/eval.md):
 1. Detector weights: transformers' ``facebook/mask2former-swin-small-coco-instance`` (converted from the
    original Mask2Former release) instead of mmdet's own ``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco``
    checkpoint: same architecture and data, a different training run, so detections and scores differ.
-2. Pre-processing: shortest edge 800 / longest 1333, ImageNet mean/std, pad to 32 as mmdet's test
-   pipeline, but the resize is PIL bilinear (transformers) instead of cv2 bilinear (mmcv).
+2. Pre-processing: mmdet's test pipeline re-implemented (``MmdetPreprocess``): rescale keeping the aspect
+   ratio so the short edge is <= 800 and the long edge <= 1333 (mmcv ``rescale_size``), bilinear without
+   antialiasing on half-pixel centres as cv2 ``INTER_LINEAR``, rounded to uint8, ImageNet mean/std, zero
+   pad at the bottom/right to a multiple of 32. cv2 works in 11-bit fixed point, we in float32: a pixel
+   can differ by one grey level. transformers' Mask2Former processor is not used: with a size divisor it
+   stretches the image to the padded size (640x480 -> 800x1088 instead of 800x1067 + padding).
 3. Post-processing mirrors mmdet 2.x ``MaskFormerFusionHead`` (top-100 query x class pairs, masks
    upsampled bilinearly to the padded input, cropped, upsampled to the image, thresholded at logit 0,
    score x mean mask probability, boxes from masks); float round-off can flip borderline cases.
@@ -264,13 +268,43 @@ def box_from_mask(mask: np.ndarray) -> tuple[float, float, float, float]:
     return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
 
 
+@dataclass(frozen=True)
+class MmdetPreprocess:
+    """mmdet 2.x test pipeline for Mask2Former: Resize(keep_ratio, (1333, 800)), Normalize, Pad(size_divisor=32)."""
+
+    short_edge: int = 800
+    long_edge: int = 1333
+    size_divisor: int = 32
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # ImageNet mean/std x 255, RGB
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """mmcv ``rescale_size``: one scale factor for both axes, each side rounded half up."""
+        scale = min(self.long_edge / max(height, width), self.short_edge / min(height, width))
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """RGB image -> (pixel values [1, 3, H_pad, W_pad], (h, w) of the resized image inside the padding)."""
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        h, w = self.resized_hw(arr.shape[0], arr.shape[1])
+        # cv2 INTER_LINEAR: src = (dst + 0.5) * scale - 0.5, clamped at the border, no antialiasing on
+        # downscale, and a uint8 result (mmcv resizes the uint8 image before Normalize makes it float).
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+        x = x.round().clamp(0, 255)
+        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+        d = self.size_divisor
+        x = F.pad(x, (0, -w % d, 0, -h % d))  # mmdet pads after Normalize, with 0, at the bottom and right
+        return x, (h, w)
+
+
 class Mask2FormerDetector:
     """transformers ``Mask2FormerForUniversalSegmentation`` -> ``{class name: [Detection]}`` with every score."""
 
-    def __init__(self, model: Any, processor: Any, name: str, device: str | torch.device = "cpu",
-                 class_names: Sequence[str] = OBJECT_NAMES) -> None:
+    def __init__(self, model: Any, preprocess: Callable[[Image.Image], tuple[torch.Tensor, tuple[int, int]]],
+                 name: str, device: str | torch.device = "cpu", class_names: Sequence[str] = OBJECT_NAMES) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
-        self.processor, self.name, self.device = processor, name, torch.device(device)
+        self.preprocess, self.name, self.device = preprocess, name, torch.device(device)
         if model.config.num_labels != len(class_names):
             raise EvalError(f"detector has {model.config.num_labels} labels, GenEval names {len(class_names)}; "
                             f"use a COCO-instance (80 class) checkpoint")
@@ -280,7 +314,7 @@ class Mask2FormerDetector:
     def from_pretrained(cls, model_id: str = "facebook/mask2former-swin-small-coco-instance",
                         device: str | torch.device = "cpu", class_names: Sequence[str] = OBJECT_NAMES,
                         cache_dir: str | None = None) -> Mask2FormerDetector:
-        """Load from the hub or a local folder; the pre-processing is pinned to mmdet's test pipeline."""
+        """Load from the hub or a local folder; the pre-processing is mmdet's test pipeline (``MmdetPreprocess``)."""
         from transformers import Mask2FormerForUniversalSegmentation
 
         try:
@@ -288,16 +322,15 @@ class Mask2FormerDetector:
         except OSError as err:
             raise MissingAssetError(f"Mask2Former {model_id!r} is not available (offline or not cached); download it "
                                     f"once or set eval.geneval.detector.model_id to a local folder") from err
-        return cls(model, mmdet_processor(), name=model_id, device=device, class_names=class_names)
+        return cls(model, MmdetPreprocess(), name=model_id, device=device, class_names=class_names)
 
     @torch.inference_mode()
     def __call__(self, image: Image.Image) -> Detections:
         """All instance detections of one image (no threshold; GenEval thresholds them itself)."""
         image = image.convert("RGB")
-        inputs = self.processor(images=[image], return_tensors="pt")
-        mask = inputs["pixel_mask"][0]
-        valid_hw = (int(mask.any(dim=1).sum()), int(mask.any(dim=0).sum()))
-        out = self.model(pixel_values=inputs["pixel_values"].to(self.device))
+        pixels, valid_hw = self.preprocess(image)
+        # mmdet 2.x's Mask2FormerHead ignores the padding (no pixel mask), so none is passed here either.
+        out = self.model(pixel_values=pixels.to(self.device))
         found: Detections = {}
         for label, score, m in mmdet_postprocess(out.class_queries_logits[0], out.masks_queries_logits[0],
                                                  valid_hw, (image.height, image.width)):
@@ -311,15 +344,6 @@ def mask2former_detector(model_id: str = "facebook/mask2former-swin-small-coco-i
     """Config entry point (``_target_``) for the GenEval detector."""
     return Mask2FormerDetector.from_pretrained(model_id, device=device, class_names=load_object_names(object_names),
                                                cache_dir=cache_dir)
-
-
-def mmdet_processor() -> Any:
-    """Mask2Former image processor set to mmdet's test pipeline: resize to 800 / 1333 keeping ratio, pad to 32."""
-    from transformers import Mask2FormerImageProcessor
-
-    return Mask2FormerImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}, size_divisor=32,
-                                     do_resize=True, do_rescale=True, do_normalize=True, resample=2,
-                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
 def load_object_names(path: str | Path | None) -> list[str]:

@@ -69,12 +69,16 @@ def settings_from_config(generation: Mapping[str, Any], call_kwargs: Mapping[str
 
 
 def metric_specs(cfg_eval: Any) -> dict[str, dict[str, Any]]:
-    """The selected metrics as plain dicts, each checked to name a known scorer."""
+    """The selected metrics as plain dicts, each checked to name a known scorer (and FID a supported mode)."""
     specs = _plain(cfg_eval)
     for key, spec in specs.items():
         kind = spec.get("metric") if isinstance(spec, dict) else None
         if kind not in KINDS:
             raise EvalError(f"eval.{key} has metric={kind!r}; use one of {list(KINDS)} (configs/eval/)")
+        if kind == "fid":
+            from eval.fid import MODE, check_mode
+
+            check_mode(spec.get("mode", MODE), key=f"eval.{key}.mode")
     return specs
 
 
@@ -145,7 +149,9 @@ def score_one(key: str, spec: dict[str, Any], images_root: Path, dense_root: Pat
                          device=None, probe_steps=int(spec.get("probe_steps", 2)))
         return {"value": r.tflops, "params_b": r.params_b, "memory_gib": r.memory_gib, "memory_kind": r.memory_kind,
                 "tflops": r.tflops, "params": r.params, "weights_gib_bf16": r.weights_gib_bf16,
-                "breakdown": r.flops_breakdown, "n_images": 1, "backbone": "torch.utils.flop_counter"}
+                "peak_gib": r.peak_gib, "peak_kind": r.peak_kind, "flops_device": r.flops_device,
+                "flops_method": r.flops_method, "breakdown": r.flops_breakdown, "n_images": 1,
+                "backbone": f"torch.utils.flop_counter on {r.flops_device} (fused attention counted)"}
     if kind == "fid":
         from eval.fid import fid_dir
 

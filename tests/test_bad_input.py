@@ -67,6 +67,8 @@ CASES = [
      "set eval.clip.prompts.path"),
     ("geneval-missing", ["pipeline=tiny", "method=shortgpt", "eval=geneval", "paths.data={tmp}/data"],
      "set eval.geneval.prompts.path"),
+    ("fid-legacy-mode", [*SEARCH, "eval=offline", "eval.fid.mode=legacy_pytorch"],
+     "eval.fid.mode='legacy_pytorch' is not supported"),
     ("sub-blocks-of-post-ln", ["pipeline=tiny_minilm", "method=finercut", "sparsity=0.2", "stages=[search]"],
      "post-LN"),
     # the results folder and the launcher

@@ -87,3 +87,45 @@ def test_tiny_clip_is_deterministic_in_its_seed():
     assert torch.equal(a.encode_texts(PROMPTS[:1]), b.encode_texts(PROMPTS[:1]))
     assert not torch.equal(a.encode_texts(PROMPTS[:1]), tiny_clip(seed=1).encode_texts(PROMPTS[:1]))
     assert np.isfinite(a.encode_images(_photos()[:1]).numpy()).all()
+
+
+def test_long_prompts_are_truncated_to_clips_77_tokens_as_open_clip_does(clip):
+    import open_clip
+
+    long = "a photo of a cat " + " ".join(f"with a hat number {i}" for i in range(40))
+    ref_ids = open_clip.get_tokenizer("ViT-B-32")([long])  # [1, 77]: BOS + 75 tokens + EOS
+    assert ref_ids[0, -1] == 49407 and len(clip.tokenizer(long)["input_ids"]) > 77
+    with torch.no_grad():
+        out = clip.model.text_model(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids))
+        expected = torch.nn.functional.normalize(clip.model.text_projection(out.pooler_output), dim=-1)
+    torch.testing.assert_close(clip.encode_texts([long, PROMPTS[0]])[:1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_score_agrees_with_torchmetrics_on_the_same_model(clip):
+    # torchmetrics' own preprocessing call, normalisation and cosine (its per-pair 100 x cos before CLIPScore's
+    # clamp at 0, from _clip_score_update; torchmetrics 1.9.0 is pinned). The adapter only unwraps
+    # transformers 5's output objects (torchmetrics expects plain tensors from get_*_features).
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update, clip_score
+    from transformers import CLIPProcessor
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, pixel_values):
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    processor = CLIPProcessor(image_processor=clip.image_processor, tokenizer=clip.tokenizer)
+    images = _photos()
+    tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]
+    ours = clip_scores(clip, images, PROMPTS)
+    tm, n = _clip_score_update(tensors, PROMPTS, Adapter(clip.model), processor)
+    assert n == 3 and ours.abs().min() > 0.01
+    torch.testing.assert_close(tm.detach() / 100, ours, atol=2e-5, rtol=1e-4)
+    # The public CLIPScore is max(100 x mean cosine, 0): not the paper's raw cosine (ours is negative here).
+    public = clip_score(tensors, PROMPTS, model_name_or_path=lambda: (Adapter(clip.model), processor))
+    assert public.item() == pytest.approx(max(100 * ours.mean().item(), 0.0), abs=2e-3)

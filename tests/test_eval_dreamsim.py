@@ -61,12 +61,13 @@ def test_dense_against_itself_is_exactly_one(tmp_path, perceptual, photos):
     assert result.value == 1.0 and result.n_identical == 3 and counting.pairs == 0
 
 
-def test_changed_images_score_below_one_and_only_they_go_through_the_model(tmp_path, perceptual, photos):
+@pytest.mark.parametrize("batch_size", [1, 2, 16])  # 16: the last partial batch must be flushed too
+def test_changed_images_score_below_one_and_only_they_go_through_the_model(tmp_path, perceptual, photos, batch_size):
     dense = _run(tmp_path / "dense", photos)
     changed = [photos[0], photos[1][:, ::-1].copy(), np.roll(photos[2], 20, axis=0)]
     pruned = _run(tmp_path / "pruned", changed)
     counting = _Counting(perceptual)
-    result = dreamsim_dir(counting, pruned, dense, batch_size=1)
+    result = dreamsim_dir(counting, pruned, dense, batch_size=batch_size)
     assert counting.pairs == 2 and result.n_identical == 1
     d = perceptual.distance([Image.fromarray(changed[1]), Image.fromarray(changed[2])],
                             [Image.fromarray(photos[1]), Image.fromarray(photos[2])]).double().numpy()
@@ -87,8 +88,31 @@ def test_load_dreamsim_offline_names_missing_files_and_leaves_hub_dir_alone(tmp_
     with pytest.raises(MissingAssetError, match="ensemble_lora/adapter_config.json") as err:
         load_dreamsim("cpu", cache_dir=tmp_path / "ds", dreamsim_type="ensemble", allow_download=True)
     assert "\n" not in str(err.value) and "dino_vitb16_pretrain.pth" in str(err.value)
-    assert torch.hub.get_dir() == before
     assert "dino_vitb16_pretrain.pth" in missing_files(tmp_path, "ensemble")
+
+
+def test_load_dreamsim_restores_the_hub_dir_that_the_package_sets(tmp_path, monkeypatch):
+    # A stand-in for the dreamsim package that does what dreamsim 0.2.1 does: torch.hub.set_dir(cache_dir).
+    import sys
+    import types
+
+    folder = tmp_path / "ds"
+    for f in missing_files(folder, "open_clip_vitb32"):
+        (folder / f).parent.mkdir(parents=True, exist_ok=True)
+        (folder / f).write_bytes(b"")
+    calls = []
+
+    def fake_dreamsim(pretrained, device, cache_dir, dreamsim_type):
+        calls.append((pretrained, device, cache_dir, dreamsim_type))
+        torch.hub.set_dir(cache_dir)
+        return torch.nn.Identity(), lambda im: im
+
+    monkeypatch.setitem(sys.modules, "dreamsim", types.SimpleNamespace(dreamsim=fake_dreamsim))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # every file is there: no download needed, none attempted
+    before = torch.hub.get_dir()
+    backbone = load_dreamsim("cpu", cache_dir=folder, dreamsim_type="open_clip_vitb32", allow_download=False)
+    assert calls == [(True, "cpu", str(folder), "open_clip_vitb32")]
+    assert torch.hub.get_dir() == before and backbone.name == "dreamsim-open_clip_vitb32"
 
 
 def test_restored_hub_dir_undoes_a_global_set_dir(tmp_path):

@@ -125,3 +125,95 @@ def test_inception_without_weights_offline_raises_one_clear_line(tmp_path, monke
     with pytest.raises(MissingAssetError, match="inception-2015-12-05.pt") as err:
         inception("cpu", weights_dir=tmp_path / "none")
     assert "\n" not in str(err.value)
+
+
+def test_frechet_distance_of_nearly_identical_statistics_is_zero_through_the_formula():
+    # Not array-equal, so the "identical statistics" shortcut is skipped and the eigen path must give ~0.
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(6, 6))
+    s = a @ a.T + 0.5 * np.eye(6)
+    mu = rng.normal(size=6)
+    assert frechet_distance(mu, s, mu + 1e-9, s + 1e-9 * np.eye(6)) == pytest.approx(0.0, abs=1e-6)
+    # ... and one unit of mean shift along one axis adds exactly 1.
+    shift = np.zeros(6)
+    shift[2] = 1.0
+    assert frechet_distance(mu, s, mu + shift, s + 1e-9 * np.eye(6)) == pytest.approx(1.0, abs=1e-6)
+
+
+class _Recording(torch.nn.Module):
+    """Returns a grid of raw input pixels, so the features are the resized image itself."""
+
+    name = "test-pixel-grid"
+
+    def forward(self, x):
+        assert x.shape[-2:] == (299, 299), x.shape
+        return x[:, :, ::37, ::37].flatten(1).double()
+
+
+def _clean_resize(path):
+    """clean-fid's "clean" resize written out: each channel as a float32 PIL image, bicubic to 299, clipped."""
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    chans = [np.asarray(Image.fromarray(arr[..., c].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
+             for c in range(3)]
+    return np.stack(chans).clip(0, 255)
+
+
+def test_features_see_clean_fids_clean_resize_not_a_legacy_one(tmp_path):
+    from eval.fid import image_features
+
+    _write_images(tmp_path / "run", 3, seed=5)
+    files = sorted((tmp_path / "run" / "images").glob("*.png"))
+    got = image_features(files, _Recording(), batch_size=2)
+    expected = np.stack([_clean_resize(f)[:, ::37, ::37].reshape(-1) for f in files])
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["legacy_pytorch", "legacy_tensorflow"])
+def test_legacy_modes_are_refused_in_one_line_before_any_work(tmp_path, mode):
+    from eval import EvalError
+    from eval.score import metric_specs
+
+    _write_images(tmp_path / "run", 3, seed=0)
+    feats = _Features()
+    with pytest.raises(EvalError, match=f"eval.fid.mode='{mode}' is not supported.*mode=clean") as err:
+        fid_dir(feats, tmp_path / "run", tmp_path / "run" / "images", mode=mode, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(err.value) and feats.calls == 0 and not (tmp_path / "cache").exists()
+    with pytest.raises(EvalError, match=f"eval.fid1k.mode='{mode}'"):
+        metric_specs({"fid1k": {"metric": "fid", "mode": mode}})
+
+
+def test_fid_agrees_with_torchmetrics_on_the_same_features(tmp_path):
+    # Independent implementation of the statistics and the matrix square root (torchmetrics' FID, float64).
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Pooled(torch.nn.Module):
+        num_features = 12
+
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x.double() / 255.0, 2).flatten(1)
+
+    rng = np.random.default_rng(6)
+    real = rng.integers(0, 256, size=(40, 3, 8, 8), dtype=np.uint8)
+    fake = np.clip(real.astype(int) * 0.7 + rng.integers(0, 60, size=real.shape), 0, 255).astype(np.uint8)
+    tm = FrechetInceptionDistance(feature=Pooled(), normalize=False).double()
+    tm.update(torch.from_numpy(real), real=True)
+    tm.update(torch.from_numpy(fake), real=False)
+    with torch.no_grad():
+        fr, ff = (Pooled()(torch.from_numpy(a)).numpy() for a in (real, fake))
+    ours = frechet_distance(*gaussian_stats(ff), *gaussian_stats(fr))
+    assert ours > 1e-3 and ours == pytest.approx(float(tm.compute()), rel=1e-6)
+
+
+def test_reference_cache_follows_the_folder_contents_and_the_full_backbone_name(tmp_path):
+    _write_images(tmp_path / "ref", 8, seed=3, with_manifest=False)
+    feats = _Features()
+    long = "a backbone whose name is longer than the forty-character slug"
+    _, _, _, path = reference_stats(tmp_path / "ref", feats, long + " v1", cache_dir=tmp_path / "cache")
+    _, _, _, other = reference_stats(tmp_path / "ref", feats, long + " v2", cache_dir=tmp_path / "cache")
+    assert other != path  # same slug, different backbone: never the same statistics file
+    mu, _, _, _ = reference_stats(tmp_path / "ref", feats, long + " v1", cache_dir=tmp_path / "cache")
+    # Replace one reference image: the cached statistics no longer describe the folder and are recomputed.
+    first = sorted((tmp_path / "ref" / "images").glob("*.png"))[0]
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(first)
+    mu2, _, _, path2 = reference_stats(tmp_path / "ref", feats, long + " v1", cache_dir=tmp_path / "cache")
+    assert path2 != path and not np.allclose(mu, mu2)

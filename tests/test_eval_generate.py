@@ -156,6 +156,11 @@ def test_coco_draw_is_seeded_one_caption_per_image_and_subsets_are_nested(tmp_pa
     assert all(p.startswith(f"image {i - 1000} caption") for p, i in zip(a.prompts, ids))
     small = load_prompt_set({"kind": "coco", "path": str(path), "draw": 30, "n": 10, "seed": 0, "name": "coco10"})
     assert small.prompts == a.prompts[:10] and small.name == "coco10"
+    # The same captions stored in another order draw the same prompts (ids and captions are sorted first).
+    data = json.loads(path.read_text())
+    shuffled = tmp_path / "shuffled.json"
+    shuffled.write_text(json.dumps({"images": data["images"][::-1], "annotations": data["annotations"][::-1]}))
+    assert load_coco_captions(shuffled, n=30, seed=0).prompts == a.prompts
 
 
 def test_geneval_metadata_loads_prompts_and_rules(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from eval import EvalError
-from eval.geneval import (COLORS, OBJECT_NAMES, ClipColorClassifier, Detection, Mask2FormerDetector, box_from_mask,
-                          evaluate_rules, geneval_dir, keep_detections, masked_crop, mmdet_postprocess,
+from eval.geneval import (COLORS, OBJECT_NAMES, ClipColorClassifier, Detection, Mask2FormerDetector, MmdetPreprocess,
+                          box_from_mask, evaluate_rules, geneval_dir, keep_detections, masked_crop, mmdet_postprocess,
                           relative_position, task_scores)
 
 
@@ -104,6 +104,25 @@ def test_position_each_relation_right_and_wrong(relation):
     assert not judge({"bench": [det(*a)], "dog": [det(*b)]}, meta)  # swapped: the opposite relation
 
 
+def test_position_checks_every_target_object_and_every_checked_object():
+    # Two benches are the target (count 2): the dog must be left of both; one bench to its left fails it.
+    meta = {"tag": "position", "include": [{"class": "bench", "count": 2},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    dog, right, far_right, left = (20, 40, 30, 50), (60, 40, 70, 50), (90, 40, 99, 50), (0, 40, 5, 50)
+    assert judge({"bench": [det(*right, 0.9), det(*far_right, 0.8)], "dog": [det(*dog)]}, meta)
+    assert not judge({"bench": [det(*right, 0.9), det(*left, 0.8)], "dog": [det(*dog)]}, meta)
+    # Two dogs are checked (count 2): the second, less confident one is right of the bench -> wrong.
+    meta2 = {"tag": "position", "include": [{"class": "bench", "count": 1},
+                                            {"class": "dog", "count": 2, "position": ["left of", 0]}]}
+    assert judge({"bench": [det(*right)], "dog": [det(*dog, 0.9), det(*left, 0.8)]}, meta2)
+    assert not judge({"bench": [det(*right)], "dog": [det(*dog, 0.9), det(*far_right, 0.8)]}, meta2)
+    # The target index is honoured: relative to clause 1 (the car on the right), not clause 0.
+    meta3 = {"tag": "position", "include": [{"class": "bench", "count": 1}, {"class": "car", "count": 1},
+                                            {"class": "dog", "count": 1, "position": ["left of", 1]}]}
+    assert judge({"bench": [det(*left)], "car": [det(*right)], "dog": [det(*dog)]}, meta3)
+    assert not judge({"bench": [det(*right)], "car": [det(*left)], "dog": [det(*dog)]}, meta3)
+
+
 def test_position_fails_without_a_target():
     meta = {"tag": "position", "include": [{"class": "bench", "count": 1},
                                            {"class": "dog", "count": 1, "position": ["left of", 0]}]}
@@ -122,6 +141,16 @@ def test_relative_position_shrink_and_half_rule_by_hand():
     assert relative_position(det(0, 0, 10, 10), det(1, 1, 11, 11)) == set()
     # A diagonal offset gives two relations.
     assert relative_position(det(50, 50, 60, 60), det(0, 0, 10, 10)) == {"right of", "below"}
+
+
+@pytest.mark.parametrize("sx, sy, expected", [(-1, -1, "above"), (1, -1, "above"), (-1, 1, "below"),
+                                               (1, 1, "below")])
+def test_relative_position_half_rule_boundary_on_every_side(sx, sy, expected):
+    # Point boxes (no shrink), unit direction (0.45, 0.893): only the axis beyond 0.5 gives a relation.
+    a, b = det(50, 50, 50, 50), det(50 - sx * 45, 50 - sy * 89.3, 50 - sx * 45, 50 - sy * 89.3)
+    assert relative_position(a, b) == {expected}
+    a, b = det(50, 50, 50, 50), det(50 - sy * 89.3, 50 - sx * 45, 50 - sy * 89.3, 50 - sx * 45)  # axes swapped
+    assert relative_position(a, b) == {"left of" if sy < 0 else "right of"}
 
 
 def test_task_scores_average_tasks_not_images():
@@ -208,9 +237,45 @@ def test_mmdet_postprocess_crops_padding_before_resizing_to_the_image():
     assert mask.shape == (32, 16) and not mask.any()
 
 
+def _cv2_bilinear(arr, h, w):
+    """cv2.resize INTER_LINEAR written out in numpy (half-pixel centres, border clamp, no antialias), uint8 out."""
+    def taps(n_out, n_in):
+        src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, fy = taps(h, arr.shape[0])
+    x0, x1, fx = taps(w, arr.shape[1])
+    a = arr.astype(np.float64)
+    rows = a[y0] * (1 - fy)[:, None, None] + a[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.floor(out + 0.5), 0, 255)
+
+
+def test_mmdet_preprocess_keeps_the_aspect_ratio_and_pads_a_640x480_image_to_800x1088():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    pixels, valid = MmdetPreprocess()(image)
+    assert valid == (800, 1067) and tuple(pixels.shape) == (1, 3, 800, 1088)  # mmdet: 800x1067, padded to 1088
+    assert pixels[..., 1067:].abs().max() == 0 and pixels[..., :1067].abs().sum(dim=(0, 1, 2)).min() > 0
+    assert MmdetPreprocess().resized_hw(512, 512) == (800, 800)
+    assert MmdetPreprocess().resized_hw(1024, 4096) == (333, 1333)  # the long edge caps the scale
+
+
+@pytest.mark.parametrize("hw", [(30, 40), (480, 640)])  # down- and up-scaling
+def test_mmdet_preprocess_resizes_as_cv2_bilinear_then_normalises(hw):
+    pre = MmdetPreprocess(short_edge=8, long_edge=13) if hw[0] < 100 else MmdetPreprocess()
+    arr = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    pixels, (h, w) = pre(Image.fromarray(arr))
+    expected = _cv2_bilinear(arr, h, w)
+    got = pixels[0, :, :h, :w].permute(1, 2, 0).double().numpy() * np.array(pre.std) + np.array(pre.mean)
+    diff = np.abs(got - expected)
+    assert diff.max() <= 1.0 + 1e-3 and (diff > 0.5).mean() < 0.05  # rounding at .5: one grey level, rarely
+    assert np.abs(got - np.round(got)).max() < 1e-3  # quantised to uint8 before Normalize, as mmcv does
+
+
 def test_tiny_mask2former_end_to_end_returns_detections_per_geneval_name():
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
                           out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -219,8 +284,7 @@ def test_tiny_mask2former_end_to_end_returns_detections_per_geneval_name():
                             dim_feedforward=64, num_attention_heads=2)
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(cfg)
-    processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32)
-    detector = Mask2FormerDetector(model, processor, name="tiny-m2f")
+    detector = Mask2FormerDetector(model, MmdetPreprocess(short_edge=64, long_edge=96), name="tiny-m2f")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
     found = detector(image)
     dets = [d for v in found.values() for d in v]

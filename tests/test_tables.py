@@ -299,3 +299,28 @@ def test_cli_arguments() -> None:
         parse_cli(["colour=red"], allowed)
     with pytest.raises(TableError, match="cannot parse argument 'table1'"):
         parse_cli(["table1"], allowed)
+
+
+def test_plot_gives_each_encoder_its_panel_row_and_leaves_random_backbones_out() -> None:
+    from types import SimpleNamespace
+
+    from eval.backbones import EFFNET_FID_NAME, TINY_CLIP_NAME
+    from skrr.experiments.reference import Column, Row, RowSpec, Table, TableSpec, Value
+    from skrr.experiments.render import plot_panels
+
+    cols = (Column("fid", "fid", label="FID"), Column("clip", "clip", label="CLIP"),
+            Column("params", "cost", "params_b", label="Param"))
+
+    def row(method: str, pipeline: str, sparsity: float) -> Row:
+        cell = SimpleNamespace(spec=SimpleNamespace(cell=Cell(pipeline, method, sparsity)), realized_sparsity=sparsity)
+        values = {"fid": Value(1.0, None, False, (EFFNET_FID_NAME,)),
+                  "clip": Value(-0.28, None, False, (TINY_CLIP_NAME,)), "params": Value(0.02, None)}
+        return Row(RowSpec(method, sparsity), [cell], values)
+
+    rows = [row("dense", "tiny_minilm", 0.0), row("skrr", "tiny_minilm", 0.157), row("skrr", "tiny", 0.2)]
+    table = Table(TableSpec("demo", "Demo", "demo", cols, ()), rows, [], [])
+    encoders, shown, left_out = plot_panels(table)
+    assert encoders == ["tiny_minilm", "tiny"]  # MiniLM and tiny-T5 cells never share axes
+    assert [c.key for c in shown] == ["fid", "params"] and left_out == ["CLIP"]  # stand-in kept, random dropped
+    png = render_plot(table)
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"

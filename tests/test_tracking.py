@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from skrr.plan import EncoderSignature, PruningPlan, Slot
 from skrr.experiments.store import Cell
-from skrr.experiments.tracking import Tracker, resolve_mode, run_id
+from skrr.experiments.tracking import Tracker, log_table, metric_name, resolve_mode, run_id
 
 CELL = Cell("tiny", "skrr", 0.419, 0, "k1")
 ON = {"enabled": True, "project": "skrr-test", "entity": None, "mode": None}
@@ -115,3 +115,50 @@ def test_wandb_failure_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not t.enabled and "W&B disabled" in caplog.text and "no service" in caplog.text
     t.log_metrics({"clip": 0.3})
     t.finish()
+
+
+def test_a_stand_in_backbone_renames_the_metric_and_the_label_goes_to_the_summary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_key: None) -> None:
+    from eval.backbones import EFFNET_FID_NAME, TINY_CLIP_NAME
+
+    assert metric_name("fid", EFFNET_FID_NAME) == "stand_in/fid@efficientnet-lite0"
+    assert metric_name("clip", TINY_CLIP_NAME) == "stand_in/clip@tiny-random-clip"
+    assert metric_name("clip", "openai/clip-vit-base-patch32") == "metrics/clip" == metric_name("clip", None)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with Tracker(ON, CELL, "sig", group="demo", results=tmp_path) as t:
+        t.log_metrics({"fid": 3.5, "clip": 0.31}, backbones={"fid": EFFNET_FID_NAME,
+                                                             "clip": "openai/clip-vit-base-patch32"})
+        summary = dict(t.run.summary)
+    assert summary["stand_in/fid@efficientnet-lite0"] == 3.5 and "metrics/fid" not in summary
+    assert summary["stand_in/fid@efficientnet-lite0/backbone"] == EFFNET_FID_NAME
+    assert summary["metrics/clip"] == 0.31 and summary["metrics/clip/backbone"] == "openai/clip-vit-base-patch32"
+
+
+def test_log_table_writes_a_wandb_table_run_and_is_off_when_logging_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_key: None) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert log_table(ON, "demo", "demo", ["row", "ours"], [["Dense", "1.0"]], results=tmp_path) is None
+    assert not (tmp_path / "wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rid = log_table(ON, "demo", "demo", ["row", "ours", "backbone"], [["Dense", "1.0", "x (NOT y)"]],
+                    ["^a stand-in"], results=tmp_path)
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{rid}"))
+    assert rid and len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert log_table(ON, "demo", "demo", ["row"], [["Dense"]], results=tmp_path) == rid  # rebuilt: same run
+
+
+def test_log_table_logs_every_row_with_its_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    no_key: None) -> None:
+    import types
+
+    import wandb
+
+    logged: dict = {}
+    fake = types.SimpleNamespace(log=logged.update, summary={}, finish=lambda: None)
+    monkeypatch.setattr(wandb, "init", lambda **kw: logged.setdefault("init", kw) and fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = [["Dense", "1.0", "x (NOT y)"], ["Skrr", "0.9", "x (NOT y)"]]
+    log_table(ON, "demo", "demo", ["row", "ours", "backbone"], rows, ["^a stand-in"], results=tmp_path)
+    table = logged["table/demo"]
+    assert isinstance(table, wandb.Table) and table.columns == ["row", "ours", "backbone"] and table.data == rows
+    assert logged["init"]["job_type"] == "table" and fake.summary["table/demo/notes"] == "^a stand-in"

@@ -5,10 +5,11 @@ import csv
 import io
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-from skrr.experiments.reference import Row, Table, build_table, load_table
+from skrr.experiments.reference import Column, Row, Table, build_table, load_table
 from skrr.experiments.results import CONFIG_DIR, experiment_cells
 from skrr.io import atomic_write_bytes
 
@@ -74,7 +75,7 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def _footnotes(table: Table) -> list[str]:
+def footnotes(table: Table) -> list[str]:
     """Stand-in backbones, provenance per column, unsupported rows, the table's own notes."""
     out = [f"^{m} measured with `{b}`: a stand-in, not the paper's backbone; not comparable with the "
            f"paper's numbers (gap shown as n/c)." for b, m in _stand_in_marks(table).items()]
@@ -117,7 +118,7 @@ def render_markdown(table: Table) -> str:
              f"parameters, embedding included (SPEC §1).", "",
              "| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in esc[1:]]
-    notes = _footnotes(table)
+    notes = footnotes(table)
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     if table.missing:
@@ -153,7 +154,7 @@ def render_latex(table: Table) -> str:
             lines.append(r"\midrule")
         lines.append(" & ".join(cell(t) for t in line) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {n}" for n in _footnotes(table)]
+    lines += [f"% {n}" for n in footnotes(table)]
     return "\n".join(lines) + "\n"
 
 
@@ -196,26 +197,62 @@ def _opt(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- plots (Fig. 5 style)
+# A metric measured with random weights (eval/backbones.py's tiny CLIP) is noise: tabled, flagged, never plotted.
+RANDOM_BACKBONE = re.compile(r"random weights", re.IGNORECASE)
+
+
+def encoder_of(row: Row) -> str:
+    """The pipeline (hence text encoder) a row's cells ran on: one panel row of the plot each."""
+    return row.cells[0].spec.cell.pipeline if row.cells else ""
+
+
+def plot_panels(table: Table) -> tuple[list[str], list[Column], list[str]]:
+    """What the plot shows: encoders (panel rows), columns (panels per row), and the columns left out.
+
+    Cells on different encoders never share axes (22 M vs 0.07 M parameters). A column whose every measured
+    value comes from a random-weight backbone is left out (it is noise; the table still lists it, flagged).
+    """
+    encoders = list(dict.fromkeys(encoder_of(r) for r in table.rows
+                                  if any(v.ours is not None for v in r.values.values())))
+    cols, left_out = [], []
+    for c in table.spec.columns:
+        measured = [r.values[c.key] for r in table.rows if r.values[c.key].ours is not None]
+        if not measured:
+            continue
+        if all(v.backbones and all(RANDOM_BACKBONE.search(b) for b in v.backbones) for v in measured):
+            left_out.append(c.label or c.key)
+        else:
+            cols.append(c)
+    return encoders, cols, left_out
+
+
 def render_plot(table: Table) -> bytes | None:
-    """PNG bytes: one panel per column, sparsity (%) vs value per method; paper numbers dashed. None if empty."""
+    """PNG bytes: one panel per column (one panel row per encoder), sparsity (%) vs value per method; paper
+    numbers dashed. None if nothing is measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [c for c in table.spec.columns if any(r.values[c.key].ours is not None for r in table.rows)]
+    encoders, cols, left_out = plot_panels(table)
     if not cols:
         return None
     n = len(cols)
-    ncols = min(n, 4)
-    nrows = math.ceil(n / ncols)
+    if len(encoders) == 1:  # one encoder: wrap the columns, four panels a row
+        ncols = min(n, 4)
+        nrows = math.ceil(n / ncols)
+        panels = [(encoders[0], c) for c in cols]
+    else:
+        ncols, nrows = n, len(encoders)
+        panels = [(e, c) for e in encoders for c in cols]
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
     groups: dict[str, list[Row]] = {}
     for row in table.rows:
         groups.setdefault(row.spec.name.split(" [")[0] if row.spec.method != "dense" else "Dense", []).append(row)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, c in zip(axes.flat, cols):
-        for gi, (name, rows) in enumerate(groups.items()):
+    for ax, (encoder, c) in zip(axes.flat, panels):
+        for gi, (name, group) in enumerate(groups.items()):
+            rows = [r for r in group if encoder_of(r) == encoder]
             color = colors[gi % len(colors)]
             pts = sorted((r.spec.x if r.spec.x is not None else 100 * (r.realized if r.realized is not None
                                                                            else r.target), r.values[c.key].ours)
@@ -234,11 +271,12 @@ def render_plot(table: Table) -> bytes | None:
                 ax.plot(*zip(*paper), marker="o", mfc="none", ls="--", color=color, alpha=0.6,
                         label=f"{name} (paper)")
         stand_in = any(not r.values[c.key].comparable for r in table.rows if r.values[c.key].ours is not None)
-        ax.set_title((c.label or c.key) + (" [stand-in backbone]" if stand_in else ""), fontsize=9)
+        title = (c.label or c.key) + (" [stand-in backbone]" if stand_in else "")
+        ax.set_title(title if len(encoders) == 1 else f"{encoder}: {title}", fontsize=9)
         ax.set_xlabel(table.spec.x_label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     legend: dict[str, Any] = {}
     for ax in axes.flat:
@@ -246,8 +284,11 @@ def render_plot(table: Table) -> bytes | None:
             legend.setdefault(label, h)
     handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
-    fig.suptitle(table.spec.title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    title = table.spec.title
+    if left_out:
+        title += f"\n(not plotted, random-weight backbone: {', '.join(left_out)})"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.93 if left_out else 0.95))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)

@@ -273,7 +273,7 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
     if not todo:
         log.info("score: done before")
         values = {k: _read_value(store.metric_path(k)) for k in specs}
-        tracker.log_metrics(values)
+        tracker.log_metrics(values, backbones={k: _read_backbone(store.metric_path(k)) for k in specs})
         return values
     needs_dense = any(specs[k]["metric"] in DENSE_METRICS or specs[k].get("ref_dir") == "dense" for k in todo)
     dense_root = dense_images(cfg, store, pipe.spec, device) if needs_dense else None
@@ -286,7 +286,7 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
     paths = score_all(cfg.eval, store.images_dir, dense_root, store.metrics_dir, context)
     values = {k: _read_value(p) for k, p in paths.items()}
     store.mark_done("score", {"metrics": values})
-    tracker.log_metrics(values)
+    tracker.log_metrics(values, backbones={k: _read_backbone(p) for k, p in paths.items()})
     return values
 
 
@@ -294,3 +294,10 @@ def _read_value(path: Path) -> float | None:
     from skrr.experiments.store import read_json
 
     return read_json(path).get("value")
+
+
+def _read_backbone(path: Path) -> str | None:
+    """The label of what measured a metric file's number (W&B names the metric by it: tracking.metric_name)."""
+    from skrr.experiments.store import read_json
+
+    return read_json(path).get("backbone")

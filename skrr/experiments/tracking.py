@@ -6,20 +6,27 @@ cell logs into the same run (``resume="allow"``). Offline runs go to ``<results>
 (sync later with ``wandb sync <results>/wandb/offline-run-*``).
 
     tracker = Tracker(cfg.logger, cell, store.signature, group=cfg.experiment, config=resolved, results=...)
-    tracker.log_plan(plan); tracker.log_metrics({"clip": 0.31}); tracker.log_images(paths, prompts)
-    tracker.finish()
+    tracker.log_plan(plan); tracker.log_metrics({"clip": 0.31}, backbones={"clip": "openai/clip-vit-base-patch32"})
+    tracker.log_images(paths, prompts); tracker.finish()
+
+Labels travel with the numbers: a metric measured with a stand-in backbone (eval/backbones.py marks them, see
+``results.STAND_IN``) is logged as ``stand_in/<metric>@<backbone>``, never as ``metrics/<metric>``, so a W&B
+chart of ``metrics/fid`` only holds numbers that may be set against the paper's; every metric's run summary
+carries ``<name>/backbone`` with the full label. ``log_table`` mirrors a finished paper table as a W&B table.
 """
 from __future__ import annotations
 
 import logging
 import netrc
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from skrr.plan import PruningPlan
+from skrr.experiments.results import STAND_IN
 from skrr.experiments.store import Cell, short_hash
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,14 @@ def run_id(cell: Cell, signature: str, group: str = "adhoc") -> str:
     each experiment's W&B group then holds a run for every one of its cells.
     """
     return short_hash({"cell": cell.label(), "signature": signature, "group": group}, 16)
+
+
+def metric_name(key: str, backbone: str | None, prefix: str = "metrics/") -> str:
+    """W&B name of metric ``key``: ``<prefix><key>``, or ``stand_in/<key>@<backbone>`` for a stand-in backbone."""
+    if backbone and STAND_IN.search(backbone):
+        short = re.split(r"[\s(]", backbone.strip(), maxsplit=1)[0]
+        return f"stand_in/{key}@{short}"
+    return f"{prefix}{key}"
 
 
 def has_api_key() -> bool:
@@ -151,10 +166,24 @@ class Tracker:
             summary["realized_sparsity"] = meta["realized_sparsity"]
         self._guard("plan", self.run.summary.update, summary)
 
-    def log_metrics(self, metrics: Mapping[str, Any], prefix: str = "metrics/") -> None:
-        """Log metric values (nested dicts flattened with '/'), e.g. {'geneval': {'value': .44, 'tasks': {...}}}."""
-        if self.run is not None:
-            self._guard("metrics", self.run.log, flatten(metrics, prefix))
+    def log_metrics(self, metrics: Mapping[str, Any], prefix: str = "metrics/",
+                    backbones: Mapping[str, str | None] | None = None) -> None:
+        """Log metric values (nested dicts flattened with '/'), e.g. {'geneval': {'value': .44, 'tasks': {...}}}.
+
+        ``backbones`` (metric key -> backbone label) names each metric by what measured it (``metric_name``)
+        and puts the label in the run summary as ``<name>/backbone``.
+        """
+        if self.run is None:
+            return
+        backbones = backbones or {}
+        names = {k: metric_name(k, backbones.get(k), prefix) for k in metrics}
+        values: dict[str, Any] = {}
+        for k, v in metrics.items():
+            values.update(flatten({names[k]: v}))
+        self._guard("metrics", self.run.log, values)
+        labels = {f"{names[k]}/backbone": b for k, b in backbones.items() if k in names and b}
+        if labels:
+            self._guard("metric labels", self.run.summary.update, labels)
 
     def log_images(self, paths: Sequence[str | Path], captions: Sequence[str] | None = None,
                    max_images: int = 8, key: str = "samples") -> None:
@@ -178,3 +207,34 @@ class Tracker:
 
     def __exit__(self, *exc: Any) -> None:
         self.finish()
+
+
+def log_table(logger_cfg: Mapping[str, Any], name: str, experiment: str, columns: Sequence[str],
+              rows: Sequence[Sequence[Any]], notes: Sequence[str] = (), results: str | Path | None = None) -> str | None:
+    """Mirror a built table to W&B as a ``wandb.Table`` (key ``table/<name>``) in its own run; returns the run id.
+
+    One run per (table, experiment), resumed when the table is rebuilt. The footnotes (which values come from
+    stand-in backbones) go to the summary beside it. A W&B failure is a warning; returns None when logging is off.
+    """
+    mode = resolve_mode(logger_cfg)
+    if mode == "disabled":
+        return None
+    rid = short_hash({"table": name, "group": experiment}, 16)
+    root = Path(results or "results")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import wandb
+
+        run = wandb.init(project=logger_cfg.get("project") or "skrr", entity=logger_cfg.get("entity"), id=rid,
+                         name=f"table {name}", group=experiment, job_type="table", tags=["table", name],
+                         resume="allow", mode=mode, dir=str(root), reinit="finish_previous")
+        try:
+            run.log({f"table/{name}": wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+            run.summary.update({f"table/{name}/notes": "\n".join(notes)})
+        finally:
+            run.finish()
+    except Exception as err:  # W&B is a mirror: the table files on disk are the result
+        log.warning("W&B table %s not logged: %s: %s", name, type(err).__name__, err)
+        return None
+    log.info("W&B %s table run %s (%s)", mode, rid, name)
+    return rid

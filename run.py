@@ -4,7 +4,7 @@
     python run.py pipeline=tiny method=skrr sparsity=0.3           # offline, seconds
     python run.py -m experiment=table1 hydra/launcher=submitit_slurm +launcher=slurm
 
-Outputs go to ``<paths.results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/`` (skrr/experiments/store.py);
+Outputs go to ``<paths.results>/runs/<pipeline>/<method>[-<tag>][+<quantize>]/s<sparsity>/seed<seed>/`` (skrr/experiments/store.py);
 finished stages are skipped on a rerun. Bad input ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -193,6 +193,8 @@ def resolve_cell(cfg: DictConfig) -> tuple[DictConfig, str]:
 def config_that_matters(cfg: DictConfig) -> dict[str, Any]:
     """What determines a cell's plan and images (its signature); metric settings live in each metric file."""
     keep = {k: cfg[k] for k in ("pipeline", "method", "calib", "sparsity", "search_sparsities", "seed", "plan_file")}
+    if (cfg.get("quantize") or "none") != "none":  # only then: unquantized cells keep their signature and resume
+        keep["quantize"] = cfg.quantize
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
@@ -256,6 +258,7 @@ def run_cell(cfg: DictConfig) -> Path:
     from skrr.experiments.store import Cell, CellStore
     from skrr.interface import SparsityError, check_sparsity
     from skrr.pipelines import PipelineSpec
+    from skrr.quantize import check_mode
 
     if cfg.get("cell") is not None:
         check_number(cfg, "cell", whole=True, example="0")
@@ -272,8 +275,9 @@ def run_cell(cfg: DictConfig) -> Path:
     check_method_values(cfg.method, pruner)
     metric_specs(cfg.eval)  # an unknown metric or an unsupported FID mode is refused before anything is written
     device = pick_device(cfg.device)
+    quantize = check_mode(cfg.get("quantize"), device)  # nf4 without CUDA: one line before anything is written
     results = Path(cfg.paths.results)
-    cell = Cell(spec.name, method, sparsity, int(cfg.seed), cfg.tag or "")
+    cell = Cell(spec.name, method, sparsity, int(cfg.seed), cfg.tag or "", quantize)
     store = CellStore(results, cell, config_that_matters(cfg), cfg.experiment)
     stages.check_inputs(cfg, store, pruner, spec)
     store.open(cfg.overwrite)
@@ -282,7 +286,7 @@ def run_cell(cfg: DictConfig) -> Path:
         with stages.tracker_for(cfg, store) as tracker:
             plan = stages.search(cfg, store, method, pruner, spec, device, tracker)
             pipe = stages.LazyPipeline(spec, plan, device, call=stages.denoiser_call(cfg),
-                                       report_path=store.dir / "denoiser.json")
+                                       report_path=store.dir / "denoiser.json", quantize=quantize)
             if "generate" in cfg.stages:
                 stages.generate(cfg, store, pipe, tracker)
             if "score" in cfg.stages:

@@ -5,7 +5,10 @@
   PixArt-Σ: 4,762,310,656 + 610,856,096 + 49,490,199 = 5.42 B.
 - Memory ("Mem", Table 2): the bf16 byte count of those weights (params + buffers), as the paper defines the
   column (PixArt-Σ: 5.42 B x 2 bytes + buffers = 10.11 GiB; the paper prints 10.18), on every device.
-  On CUDA the peak allocated during the probe generation (weights + activations) is measured too and kept
+  A text encoder quantized by ``quantize=int8|fp8|nf4`` (skrr/quantize.py) counts its quantized weights by
+  their real stored bytes (int8/fp8 data + scales, nf4 packed data + absmax), the rest still in bf16: the
+  column stays "the weights the pipeline must hold", and a quantized row is comparable with a bf16 one.
+  Params stay the logical element count (quantization removes no parameter). On CUDA the peak allocated during the probe generation (weights + activations) is measured too and kept
   in its own field, ``peak_gib``; it is never put in the Mem column.
 - TFLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` around every call the pipeline makes to
   each component during a short real run, then encoder calls + steps x denoiser calls + VAE decode. Under
@@ -33,13 +36,15 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from eval import EvalError
 from eval.generate import GenerationSettings
 from skrr import count_params
+from skrr.quantize import is_quantized, stored_bytes
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
 TEXT_ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DENOISER_KEYS = ("transformer", "unet")
-MEMORY_KIND = "bf16_weight_bytes_gib (the paper's Mem: weights in bf16, params + buffers)"
+MEMORY_KIND = ("bf16_weight_bytes_gib (the paper's Mem: weights in bf16, params + buffers; quantized text-encoder "
+               "weights by their real stored bytes)")
 
 
 def text_encoders(pipeline: Any) -> dict[str, nn.Module]:
@@ -72,7 +77,9 @@ def _unique_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
     """Parameters and buffers, each storage once (a re-used unit holds the same tensors twice)."""
     seen, out = set(), []
     for t in itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules):
-        key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        # A quantized weight (torchao subclass) has no storage of its own; a re-used one is the same object.
+        key = id(t) if t.device.type == "meta" or is_quantized(t) else (t.untyped_storage().data_ptr(),
+                                                                       t.storage_offset(), tuple(t.shape))
         if key not in seen:
             seen.add(key)
             out.append(t)
@@ -91,9 +98,11 @@ def pipeline_params(pipeline: Any) -> dict[str, int]:
 
 
 def weight_bytes(pipeline: Any, bytes_per_element: int | None = None) -> int:
-    """Bytes of the weights that count (params + buffers); ``bytes_per_element`` overrides the stored dtype."""
+    """Bytes of the weights that count (params + buffers); ``bytes_per_element`` overrides the stored dtype of the
+    unquantized ones, a quantized weight counts its real stored bytes."""
     modules = [*text_encoders(pipeline).values(), denoiser(pipeline), *vae_decoder_modules(pipeline)]
-    return sum(t.numel() * (bytes_per_element or t.element_size()) for t in _unique_tensors(modules))
+    return sum(stored_bytes(t) if is_quantized(t) else t.numel() * (bytes_per_element or t.element_size())
+               for t in _unique_tensors(modules))
 
 
 def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
@@ -149,6 +158,7 @@ class CostResult:
     peak_kind: str = "not measured (no CUDA)"
     flops_device: str = "cpu"
     flops_method: str = FLOPS_METHOD
+    quantize: dict[str, str] = field(default_factory=dict)  # text encoder -> none|int8|fp8|nf4 (skrr/quantize.py)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -197,6 +207,7 @@ def measure_cost(pipeline: Any, settings: GenerationSettings = GenerationSetting
                  "width": settings.width, "guidance_scale": settings.guidance_scale}
     log.info("cost: %.3f B params, %.2f GiB bf16 weights (peak %s), %.2f TFLOPs/image on %s", params["total"] / 1e9,
              bf16, "n/a" if peak is None else f"{peak:.2f} GiB", flops / 1e12, dev)
+    quantize = {k: getattr(m, "skrr_quantize", "none") for k, m in text_encoders(pipeline).items()}
     return CostResult(params, params["total"] / 1e9, bf16, MEMORY_KIND, bf16, flops / 1e12, breakdown, peak, peak_kind,
-                      str(dev), FLOPS_METHOD)
+                      str(dev), FLOPS_METHOD, quantize)
 

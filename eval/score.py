@@ -150,7 +150,7 @@ def score_one(key: str, spec: dict[str, Any], images_root: Path, dense_root: Pat
         return {"value": r.tflops, "params_b": r.params_b, "memory_gib": r.memory_gib, "memory_kind": r.memory_kind,
                 "tflops": r.tflops, "params": r.params, "weights_gib_bf16": r.weights_gib_bf16,
                 "peak_gib": r.peak_gib, "peak_kind": r.peak_kind, "flops_device": r.flops_device,
-                "flops_method": r.flops_method, "breakdown": r.flops_breakdown, "n_images": 1,
+                "flops_method": r.flops_method, "breakdown": r.flops_breakdown, "quantize": r.quantize, "n_images": 1,
                 "backbone": f"torch.utils.flop_counter on {r.flops_device} (fused attention counted)"}
     if kind == "fid":
         from eval.fid import fid_dir

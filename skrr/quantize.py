@@ -81,6 +81,17 @@ def _to_nf4(encoder: nn.Module, device: torch.device) -> None:
             parent._modules[name] = done[id(child)]
 
 
+def is_quantized(t: torch.Tensor) -> bool:
+    """Whether a parameter is stored quantized (a torchao tensor subclass or a bitsandbytes 4-bit tensor)."""
+    return (hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter)) or \
+        getattr(t, "quant_state", None) is not None
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really occupies: a quantized one by its stored parts (packed data, scales, zero points)."""
+    return _tensor_bytes(t)[0]
+
+
 def _tensor_bytes(t: torch.Tensor) -> tuple[int, list[tuple[int, int]]]:
     """(bytes, storage keys) of a tensor, following tensor subclasses (torchao) to their stored parts."""
     if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):

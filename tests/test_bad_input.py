@@ -48,6 +48,9 @@ CASES = [
     ("laco-merge-layers", [*SEARCH, "method=laco", "method.merge_layers=1"], "laco.merge_layers (C) must be >= 2"),
     pytest.param("cuda-without-gpu", [*SEARCH, "device=cuda"], "device=cuda but this machine has no usable CUDA GPU",
                  marks=NO_GPU, id="cuda-without-gpu"),
+    pytest.param("nf4-without-gpu", [*SEARCH, "quantize=nf4"], "quantize=nf4 runs on CUDA only", marks=NO_GPU,
+                 id="nf4-without-gpu"),
+    ("quantize-unknown", [*SEARCH, "quantize=int4"], "unknown quantize='int4'; choose one of none, int8"),
     # calibration prompts
     ("prompts-missing", [*SEARCH, "method=shortgpt", "calib.prompts={tmp}/no.txt"], "does not exist"),
     ("prompts-folder", [*SEARCH, "method=shortgpt", "calib.prompts={tmp}"], "is a folder; give a file"),

@@ -1,6 +1,6 @@
 """The paper's reference numbers (``configs/table/<name>.yaml``, SPEC §6) and the tables that set ours beside them.
 
-A table picks rows out of one experiment by (method, tag, sparsity), names its columns (metric file + field)
+A table picks rows out of one experiment by (method, tag, quantize, sparsity), names its columns (metric file + field)
 and holds the paper's numbers. Every row carries target and realized sparsity, our value, the paper's and the
 gap; a number measured with a stand-in backbone is flagged and gets no gap.
 """
@@ -46,11 +46,12 @@ class Column:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """A table row: which cells (method, tag, target sparsity) and the paper's numbers for it."""
+    """A table row: which cells (method, tag, text-encoder quantization, target sparsity) and the paper's numbers."""
 
     method: str
     sparsity: float
     tag: str = ""
+    quantize: str = "none"  # a row of quantized cells (Table 2's "Dense int8", "Skrr + int8")
     label: str = ""
     paper: dict[str, float] = field(default_factory=dict)
     paper_sparsity: float | None = None  # percent, as the paper prints it
@@ -59,13 +60,14 @@ class RowSpec:
     x: float | None = None  # plot position in percent when the plotted sparsity is not the cell's (SD2's U-Net)
 
     def matches(self, cell: Cell) -> bool:
-        return (cell.method == self.method and cell.tag == self.tag
+        return (cell.method == self.method and cell.tag == self.tag and cell.quantize == self.quantize
                 and abs(cell.sparsity - self.sparsity) < SPARSITY_TOL)
 
     @property
     def name(self) -> str:
         base = METHOD_LABELS.get(self.method, self.method)
-        return self.label or (f"{base} [{self.tag}]" if self.tag else base)
+        base = f"{base} [{self.tag}]" if self.tag else base
+        return self.label or (f"{base} + {self.quantize}" if self.quantize != "none" else base)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def row_cells(spec: TableSpec, cells: Sequence[ExperimentCell]) -> list[tuple[Ro
         found = [c for c in cells if row.matches(c.cell)]
         if not found:
             raise TableError(f"table {spec.name}: row {row.name} (method={row.method} tag={row.tag!r} "
-                             f"sparsity={row.sparsity}) is not a cell of experiment {spec.experiment}; "
+                             f"quantize={row.quantize} sparsity={row.sparsity}) is not a cell of experiment {spec.experiment}; "
                              f"add it to configs/experiment/{spec.experiment}.yaml")
         out.append((row, found))
     return out

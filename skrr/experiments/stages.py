@@ -195,9 +195,10 @@ class LazyPipeline:
     """
 
     def __init__(self, spec: PipelineSpec, plan: PruningPlan | None, device: torch.device,
-                 call: dict[str, Any] | None = None, report_path: Path | None = None):
+                 call: dict[str, Any] | None = None, report_path: Path | None = None, quantize: str = "none"):
         self.spec, self.plan, self.device, self._pipe = spec, plan, device, None
         self.call, self.report_path = call, report_path  # denoiser pruning: Wanda's calls; where its report goes
+        self.quantize = quantize or "none"  # the cell's quantize=: applied to the (pruned) text encoder once built
 
     def get(self) -> Any:
         if self._pipe is None:
@@ -207,6 +208,8 @@ class LazyPipeline:
                 self._pipe, report = pruned_pipeline(self.spec, self.plan, self.device, self.call)
                 if report is not None and self.report_path is not None:
                     atomic_write_json(self.report_path, report)
+            if self.quantize != "none":
+                quantize_text_encoder(self._pipe, self.spec, self.quantize, self.device)
         return self._pipe
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -221,7 +224,17 @@ class LazyPipeline:
                     "plan": "dense" if dense else self.plan.fingerprint()}
         if not dense and "denoiser" in self.plan.meta:  # the U-Net rule changes the images too
             identity["denoiser"] = self.plan.meta["denoiser"]
+        if self.quantize != "none":  # so do quantized encoder weights (absent when none: old folders still match)
+            identity["quantize"] = self.quantize
         return identity
+
+
+def quantize_text_encoder(pipe: Any, spec: PipelineSpec, mode: str, device: torch.device) -> None:
+    """Quantize the pipeline's pruned text encoder (T5 for PixArt-Σ / SD3 / FLUX) in place, after pruning and before
+    generation and cost: ``quantize=int8`` on a dense cell is "Dense int8", on a Skrr cell "Skrr + int8"."""
+    from skrr.quantize import quantize_encoder
+
+    set_text_encoder(pipe, spec, quantize_encoder(text_encoder_of(pipe, spec), mode, device))
 
 
 def generate(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, tracker: Tracker) -> None:

@@ -2,7 +2,7 @@
 
 Layout (the on-disk contract between run.py, the tables and W&B):
 
-    <results>/runs/<pipeline>/<method>[-<tag>]/s<sparsity>/seed<seed>/
+    <results>/runs/<pipeline>/<method>[-<tag>][+<quantize>]/s<sparsity>/seed<seed>/
         cell.json              what this cell is + the signature of its config (written first)
         plan.json              the PruningPlan used (target and realized sparsity in its meta)
         images/, manifest.jsonl  generated images (eval/generate.py layout)
@@ -55,17 +55,20 @@ def sparsity_dir(sparsity: float) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of a sweep: pipeline, method (+ variant tag), target sparsity, seed."""
+    """One cell of a sweep: pipeline, method (+ variant tag, + text-encoder quantization), target sparsity, seed."""
 
     pipeline: str
     method: str
     sparsity: float
     seed: int = 0
     tag: str = ""
+    quantize: str = "none"
 
     @property
     def method_dir(self) -> str:
-        return f"{self.method}-{self.tag}" if self.tag else self.method
+        """'skrr', 'skrr-k1', 'skrr+int8': a quantized cell has its own folder, an unquantized one keeps its old one."""
+        base = f"{self.method}-{self.tag}" if self.tag else self.method
+        return f"{base}+{self.quantize}" if self.quantize not in ("", "none") else base
 
     def relpath(self) -> Path:
         return Path("runs") / self.pipeline / self.method_dir / sparsity_dir(self.sparsity) / f"seed{self.seed}"

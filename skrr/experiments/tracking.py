@@ -114,7 +114,7 @@ class Tracker:
         config = _plain(config)
         root = Path(results or config.get("paths", {}).get("results") or "results")
         root.mkdir(parents=True, exist_ok=True)
-        tags = [cell.method, cell.pipeline, group] + ([cell.method_dir] if cell.tag else [])
+        tags = [cell.method, cell.pipeline, group] + ([cell.method_dir] if cell.method_dir != cell.method else [])
         try:
             import wandb  # imported here: a disabled tracker has no wandb side effects
 

@@ -81,3 +81,15 @@ def test_mem_counts_the_quantized_encoder_by_its_real_bytes():
     assert q.params == dense.params  # quantization removes no parameter
     assert round((dense.memory_gib - q.memory_gib) * GIB) == bf16 - int8
     assert q.quantize == {"text_encoder": "int8"} and dense.quantize == {"text_encoder": "none"}
+
+
+def test_table2_int8_rows_read_the_quantized_cells_only():
+    from skrr.experiments.reference import load_table, row_cells
+    from skrr.experiments.results import experiment_cells
+
+    rows = {row.name: [c.cell.relpath().as_posix() for c in found]
+            for row, found in row_cells(load_table("table2"), experiment_cells("table2"))}
+    assert rows["Skrr"] == ["runs/pixart_sigma/skrr/s0.419/seed0"]
+    assert rows["Skrr + int8"] == ["runs/pixart_sigma/skrr+int8/s0.419/seed0"]
+    assert rows["Dense"] == ["runs/pixart_sigma/dense/s0.000/seed0"]
+    assert rows["Dense int8"] == ["runs/pixart_sigma/dense+int8/s0.000/seed0"]

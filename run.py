@@ -195,6 +195,8 @@ def config_that_matters(cfg: DictConfig) -> dict[str, Any]:
     keep = {k: cfg[k] for k in ("pipeline", "method", "calib", "sparsity", "search_sparsities", "seed", "plan_file")}
     if (cfg.get("quantize") or "none") != "none":  # only then: unquantized cells keep their signature and resume
         keep["quantize"] = cfg.quantize
+    if cfg.get("drop_text_encoder"):  # likewise
+        keep["drop_text_encoder"] = True
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
@@ -255,7 +257,7 @@ def run_cell(cfg: DictConfig) -> Path:
     from eval.score import metric_specs
     from skrr.experiments import stages
     from skrr.experiments.methods import method_from_config
-    from skrr.experiments.store import Cell, CellStore
+    from skrr.experiments.store import Cell, CellStore, cell_tag
     from skrr.interface import SparsityError, check_sparsity
     from skrr.pipelines import PipelineSpec
     from skrr.quantize import check_mode
@@ -276,8 +278,15 @@ def run_cell(cfg: DictConfig) -> Path:
     metric_specs(cfg.eval)  # an unknown metric or an unsupported FID mode is refused before anything is written
     device = pick_device(cfg.device)
     quantize = check_mode(cfg.get("quantize"), device)  # nf4 without CUDA: one line before anything is written
+    drop = bool(cfg.get("drop_text_encoder"))
+    if drop and spec.kind not in ("sd3", "tiny_sd3"):
+        raise stages.InputError(f"drop_text_encoder=true is for SD3 (text_encoder_3=None); pipeline={spec.name} "
+                                f"needs its T5: use pipeline=sd3 or tiny_sd3, or drop the setting")
+    if drop and (method != "dense" or quantize != "none"):
+        raise stages.InputError("drop_text_encoder=true runs SD3 without its T5, leaving nothing to prune or "
+                                "quantize; use method=dense sparsity=0 quantize=none")
     results = Path(cfg.paths.results)
-    cell = Cell(spec.name, method, sparsity, int(cfg.seed), cfg.tag or "", quantize)
+    cell = Cell(spec.name, method, sparsity, int(cfg.seed), cell_tag(cfg.tag, drop), quantize)
     store = CellStore(results, cell, config_that_matters(cfg), cfg.experiment)
     stages.check_inputs(cfg, store, pruner, spec)
     store.open(cfg.overwrite)
@@ -286,7 +295,8 @@ def run_cell(cfg: DictConfig) -> Path:
         with stages.tracker_for(cfg, store) as tracker:
             plan = stages.search(cfg, store, method, pruner, spec, device, tracker)
             pipe = stages.LazyPipeline(spec, plan, device, call=stages.denoiser_call(cfg),
-                                       report_path=store.dir / "denoiser.json", quantize=quantize)
+                                       report_path=store.dir / "denoiser.json", quantize=quantize,
+                                       drop_text_encoder=drop)
             if "generate" in cfg.stages:
                 stages.generate(cfg, store, pipe, tracker)
             if "score" in cfg.stages:

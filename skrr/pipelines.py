@@ -238,17 +238,29 @@ def _tiny(spec: PipelineSpec) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- real pipelines
-def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_encoder: nn.Module | None = None) -> Any:
-    """The whole diffusers pipeline (optionally with a given, e.g. pruned, text encoder)."""
+def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_encoder: nn.Module | None = None,
+                  drop_text_encoder: bool = False) -> Any:
+    """The whole diffusers pipeline (optionally with a given, e.g. pruned, text encoder).
+
+    ``drop_text_encoder``: SD3 without its T5 (``text_encoder_3=None, tokenizer_3=None``, never loaded); diffusers'
+    ``StableDiffusion3Pipeline._get_t5_prompt_embeds`` then gives zeros in T5's place (the "Drop T5" baseline).
+    """
+    sub = KINDS[spec.kind]
+    if drop_text_encoder and sub["family"] != "sd3":
+        raise ValueError(f"only SD3 runs without its T5 (text_encoder_3=None); pipeline {spec.name} needs it")
     if spec.kind in TINY_KINDS:
         pipe = _tiny(spec)
         if text_encoder is not None:
             set_text_encoder(pipe, spec, text_encoder)
+        if drop_text_encoder:
+            pipe.register_modules(**{sub["text_encoder"]: None, sub["tokenizer"]: None})
         return pipe.to(device)
     import diffusers
 
-    cls = getattr(diffusers, KINDS[spec.kind]["pipeline"])
-    extra = {KINDS[spec.kind]["text_encoder"]: text_encoder} if text_encoder is not None else {}
+    cls = getattr(diffusers, sub["pipeline"])
+    extra = {sub["text_encoder"]: text_encoder} if text_encoder is not None else {}
+    if drop_text_encoder:  # from_pretrained skips a component passed as None (pipeline_utils.from_pretrained)
+        extra = {sub["text_encoder"]: None, sub["tokenizer"]: None}
     pipe = _hub_call(spec, "pipeline", lambda: cls.from_pretrained(
         spec.model_id, revision=spec.revision, torch_dtype=spec.torch_dtype, **extra))
     return pipe.to(device)

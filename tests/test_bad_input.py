@@ -51,6 +51,8 @@ CASES = [
     pytest.param("nf4-without-gpu", [*SEARCH, "quantize=nf4"], "quantize=nf4 runs on CUDA only", marks=NO_GPU,
                  id="nf4-without-gpu"),
     ("quantize-unknown", [*SEARCH, "quantize=int4"], "unknown quantize='int4'; choose one of none, int8"),
+    ("drop-t5-not-sd3", [*SEARCH, "method=dense", "sparsity=0", "drop_text_encoder=true"], "is for SD3"),
+    ("drop-t5-pruned", ["pipeline=tiny_sd3", "stages=[search]", "drop_text_encoder=true"], "use method=dense sparsity=0"),
     # calibration prompts
     ("prompts-missing", [*SEARCH, "method=shortgpt", "calib.prompts={tmp}/no.txt"], "does not exist"),
     ("prompts-folder", [*SEARCH, "method=shortgpt", "calib.prompts={tmp}"], "is a folder; give a file"),

@@ -93,3 +93,24 @@ def test_table2_int8_rows_read_the_quantized_cells_only():
     assert rows["Skrr + int8"] == ["runs/pixart_sigma/skrr+int8/s0.419/seed0"]
     assert rows["Dense"] == ["runs/pixart_sigma/dense/s0.000/seed0"]
     assert rows["Dense int8"] == ["runs/pixart_sigma/dense+int8/s0.000/seed0"]
+
+
+def test_drop_t5_runs_sd3_without_its_t5_in_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKRR_CACHE", str(tmp_path / "cache"))
+    run.cli([f"paths.results={tmp_path}", "logger=none", "pipeline=tiny_sd3", "method=dense", "sparsity=0",
+             "drop_text_encoder=true", "eval=offline", "~eval.fid", "~eval.dreamsim", "~eval.clip"])
+    cell = tmp_path / "runs/tiny_sd3/dense-drop_t5/s0.000/seed0"
+    assert json.loads((cell / "cell.json").read_text())["config"]["drop_text_encoder"] is True
+    cost = json.loads((cell / "metrics/cost.json").read_text())
+    assert set(cost["params"]) == {"text_encoder", "text_encoder_2", "denoiser", "vae_decoder", "total"}  # no T5
+    assert cost["breakdown"]["encoder_calls"] > 0  # CLIP-L/G still encode
+
+
+def test_table_a12_drop_t5_row_reads_its_cell():
+    from skrr.experiments.reference import load_table, row_cells
+    from skrr.experiments.results import experiment_cells
+
+    rows = {row.name: [c.cell.relpath().as_posix() for c in found]
+            for row, found in row_cells(load_table("sd3"), experiment_cells("sd3_all_encoders"))}
+    assert rows["Drop T5 (text_encoder_3=None; not in the paper)"] == ["runs/sd3/dense-drop_t5/s0.000/seed0"]
+    assert rows["Dense"] == ["runs/sd3/dense/s0.000/seed0"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from skrr.experiments.store import Cell, CellStore, StoreError, read_json
+from skrr.experiments.store import Cell, CellStore, StoreError, cell_tag, read_json
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def experiment_cells(experiment: str, config_dir: Path = CONFIG_DIR) -> list[Exp
     for i, (overrides, cfg) in enumerate(zip(raw, compose_configs(config_dir, *[[f"experiment={experiment}", *o]
                                                                           for o in raw]))):
         cell = Cell(str(cfg.pipeline.name), str(cfg.hydra.runtime.choices["method"]), float(cfg.sparsity),
-                    int(cfg.seed), str(cfg.tag or ""), str(cfg.get("quantize") or "none"))
+                    int(cfg.seed), cell_tag(cfg.tag, bool(cfg.get("drop_text_encoder"))),
+                    str(cfg.get("quantize") or "none"))
         metrics = tuple(str(m) for m in cfg.eval.keys()) if cfg.get("eval") else ()
         out.append(ExperimentCell(experiment, i, overrides, cell, tuple(cfg.stages), metrics))
     return out

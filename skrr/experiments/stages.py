@@ -195,15 +195,17 @@ class LazyPipeline:
     """
 
     def __init__(self, spec: PipelineSpec, plan: PruningPlan | None, device: torch.device,
-                 call: dict[str, Any] | None = None, report_path: Path | None = None, quantize: str = "none"):
+                 call: dict[str, Any] | None = None, report_path: Path | None = None, quantize: str = "none",
+                 drop_text_encoder: bool = False):
         self.spec, self.plan, self.device, self._pipe = spec, plan, device, None
         self.call, self.report_path = call, report_path  # denoiser pruning: Wanda's calls; where its report goes
         self.quantize = quantize or "none"  # the cell's quantize=: applied to the (pruned) text encoder once built
+        self.drop_text_encoder = drop_text_encoder  # SD3 without T5 (a dense cell; run.py checks)
 
     def get(self) -> Any:
         if self._pipe is None:
-            if self.plan is None:
-                self._pipe = load_pipeline(self.spec, self.device)
+            if self.plan is None or self.drop_text_encoder:
+                self._pipe = load_pipeline(self.spec, self.device, drop_text_encoder=self.drop_text_encoder)
             else:
                 self._pipe, report = pruned_pipeline(self.spec, self.plan, self.device, self.call)
                 if report is not None and self.report_path is not None:
@@ -224,6 +226,8 @@ class LazyPipeline:
                     "plan": "dense" if dense else self.plan.fingerprint()}
         if not dense and "denoiser" in self.plan.meta:  # the U-Net rule changes the images too
             identity["denoiser"] = self.plan.meta["denoiser"]
+        if self.drop_text_encoder:
+            identity["drop_text_encoder"] = True
         if self.quantize != "none":  # so do quantized encoder weights (absent when none: old folders still match)
             identity["quantize"] = self.quantize
         return identity

@@ -77,6 +77,14 @@ class Cell:
         return f"{self.pipeline}/{self.method_dir}/{sparsity_dir(self.sparsity)}/seed{self.seed}"
 
 
+DROP_TAG = "drop_t5"  # the folder tag of an SD3 cell run without its T5 (drop_text_encoder=true)
+
+
+def cell_tag(tag: str | None, drop_text_encoder: bool = False) -> str:
+    """A cell's tag: the given one, else ``drop_t5`` for a cell without its T5 (its own folder ``dense-drop_t5``)."""
+    return str(tag or (DROP_TAG if drop_text_encoder else ""))
+
+
 def read_json(path: Path) -> Any:
     """Read a results JSON file; a corrupt one is a one-line StoreError naming the file and the fix."""
     try:

@@ -13,13 +13,14 @@ library (``skrr``) only: never ``eval`` or ``skrr.experiments``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
 
-from skrr.plan import PruningPlan
-from skrr.surgery import apply_plan
+from skrr.plan import PlanError, PruningPlan
+from skrr.surgery import apply_plan, signature
 
 if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
@@ -76,6 +77,15 @@ def changes_encoder(plan: PruningPlan) -> bool:
     """Whether ``prune_encoder`` changes anything: a non-identity plan, or a magnitude/Wanda plan (identity
     slots, zeroed weights) -- including one that prunes only the denoiser (``meta['denoiser']``)."""
     return not plan.is_identity or any(k in plan.meta for k in WEIGHT_RULES) or "denoiser" in plan.meta
+
+
+def weight_rule_target(encoder: nn.Module, plan: PruningPlan, key: str, inplace: bool) -> nn.Module:
+    """The encoder a weight-rule plan (``meta[key]``: magnitude, Wanda) zeroes: checked against the plan, and
+    the encoder itself (``inplace``: no second copy of 4.7 B weights) or a deep copy."""
+    if key not in plan.meta:
+        raise PlanError(f"not a {key} plan (no meta[{key!r}]); apply a skip/re-use plan with skrr.apply_plan")
+    plan.validate(signature(encoder))
+    return encoder if inplace else copy.deepcopy(encoder)
 
 
 def prune_encoder(encoder: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:

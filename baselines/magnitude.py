@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
-from baselines import base_meta
+from baselines import base_meta, weight_rule_target
 from skrr.families import family_of
 from skrr.interface import PruningMethod, SparsityError, check_sparsity, register_method
 from skrr.io import atomic_write_bytes
 from skrr.plan import PlanError, PruningPlan
-from skrr.surgery import count_params, signature
+from skrr.surgery import count_params
 
 if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
@@ -215,14 +215,8 @@ def prune_denoiser_(denoiser: nn.Module, sparsity: float, scope: str = "layerwis
 
 def apply(encoder: nn.Module, plan: PruningPlan, inplace: bool = True) -> nn.Module:
     """The encoder with a magnitude plan's weights zeroed (in place by default: no second copy of 4.7 B weights)."""
-    if "magnitude" not in plan.meta:
-        raise PlanError("not a magnitude plan (no meta['magnitude']); apply it with skrr.apply_plan")
-    plan.validate(signature(encoder))
+    encoder = weight_rule_target(encoder, plan, "magnitude", inplace)
     want = plan.meta["magnitude"]
-    if not inplace:
-        import copy
-
-        encoder = copy.deepcopy(encoder)
     rule = magnitude_rule(encoder, want["nominal_sparsity_target"], want["scope"], want.get("sparsity_of", "encoder"))
     if rule["zeros"] != want["zeros"] or rule["threshold"] != want["threshold"]:
         raise PlanError("these weights give another magnitude mask than the plan recorded; the plan was made "

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines import base_meta
+from baselines import base_meta, weight_rule_target
 from baselines.magnitude import (check_denoiser, denoiser_report, denoiser_weights, prunable_weights,
                                  storage_bytes)
 from skrr.interface import PruningMethod, check_sparsity, register_method
 from skrr.plan import PlanError, PruningPlan
-from skrr.surgery import count_params, signature
+from skrr.surgery import count_params
 
 if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
@@ -181,14 +181,8 @@ class Wanda(PruningMethod):
 
 def apply(encoder: nn.Module, plan: PruningPlan, inplace: bool = True) -> nn.Module:
     """The encoder with a Wanda plan's weights zeroed (the plan carries the activation norms)."""
-    if "wanda" not in plan.meta:
-        raise PlanError("not a Wanda plan (no meta['wanda'])")
-    plan.validate(signature(encoder))
+    encoder = weight_rule_target(encoder, plan, "wanda", inplace)
     rule = plan.meta["wanda"]
-    if not inplace:
-        import copy
-
-        encoder = copy.deepcopy(encoder)
     named = prunable_weights(encoder)
     if _weights_hash(named) != rule["weights_hash"]:
         raise PlanError("these weights are not the ones the Wanda plan was searched on (or are already pruned): "

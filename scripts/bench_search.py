@@ -150,10 +150,7 @@ def compare(args: argparse.Namespace) -> int:
     print(f"speed-up: {naive['tokens'] / max(fast['tokens'], 1):.1f}x fewer encoder token-evaluations "
           f"(hardware-independent); {naive['seconds'] / fast['seconds']:.1f}x wall clock "
           f"({naive['seconds']:.1f} s vs {fast['seconds']:.1f} s)")
-    rows = max(1, args.max_tokens // args.max_length)
-    old, new = scoring_peak(calib, rows)
-    print(f"scoring peak, {rows} stacked candidate-prompts ({args.max_tokens} tokens, one module call): "
-          f"{_mib(new)} row_errors vs {_mib(old)} with whole-tensor float32/float64 copies")
+    print_scoring_peak(calib, args)
     return 0
 
 
@@ -179,6 +176,14 @@ def straightforward_tokens(calib: CalibrationSet, plans: dict[float, Any]) -> in
             total += options * (n - skipped + 1)  # a variant runs one more unit
             skipped -= step["choice"] != "skip"
     return total * tokens
+
+
+def print_scoring_peak(calib: CalibrationSet, args: argparse.Namespace) -> None:
+    """One line: the memory of scoring one module call's worth of stacked candidate-prompts, now vs before."""
+    rows = max(1, args.max_tokens // args.max_length)
+    old, new = scoring_peak(calib, rows)
+    print(f"scoring peak, {rows} stacked candidate-prompts ({args.max_tokens} tokens, one module call): "
+          f"{_mib(new)} row_errors vs {_mib(old)} with whole-tensor float32/float64 copies")
 
 
 def scoring_peak(calib: CalibrationSet, rows: int) -> tuple[int | None, int | None]:
@@ -323,10 +328,7 @@ def paper_scale(args: argparse.Namespace, arch: dict[str, Any] | None = None, de
     print(f"rounds 1-{len(result.candidates)}: {naive_tokens / max(calib.stats.token_evals, 1):.1f}x fewer encoder "
           f"token-evaluations than the straightforward search ({calib.stats.token_evals / 1e9:.2f} G vs "
           f"{naive_tokens / 1e9:.2f} G)")
-    rows = max(1, args.max_tokens // args.max_length)
-    old, new = scoring_peak(calib, rows)
-    print(f"scoring peak, {rows} stacked candidate-prompts ({args.max_tokens} tokens, one module call): "
-          f"{_mib(new)} row_errors vs {_mib(old)} with whole-tensor float32/float64 copies")
+    print_scoring_peak(calib, args)
     # Extrapolate: a round costs ~ candidates x mean suffix ~ (units left)^2; the last timed round sets the
     # rate (with its share of abandoned candidates), prompts scale linearly.
     last = len(result.round_seconds)

@@ -37,14 +37,15 @@ def main(argv: list[str]) -> int:
     md = tables / "demo.md"
     if md.exists():
         print("\n" + md.read_text())
+    cell = results / "runs" / "tiny_minilm" / "skrr" / "s0.235" / "seed0"
+    if (cell / "plan.json").exists():
+        print("\n" + "\n".join(shipping_report(cell, results / "exports" / "minilm-skrr")) + "\n")
     print(f"demo finished in {time.time() - start:.0f} s")
     print(f"  cells (plans, images, metric JSONs): {results / 'runs'}")
     print(f"  searched plans, shared by cells:     {results / 'plans'}")
     print(f"  table (md/tex/csv) and plot (png):   {tables}/demo.*")
     print(f"  W&B offline runs (wandb sync ...):   {results / 'wandb'}")
-    cell = results / "runs" / "tiny_minilm" / "skrr" / "s0.235" / "seed0"
-    if (cell / "plan.json").exists():
-        print("\n" + "\n".join(shipping_report(cell, results / "exports" / "minilm-skrr")))
+    print(f"  the exported Skrr MiniLM encoder:    {results / 'exports' / 'minilm-skrr'}")
     return table.returncode
 
 
@@ -55,9 +56,12 @@ def shipping_report(cell: Path, out: Path) -> list[str]:
     over the 64 calibration prompts (how close the conditioning a denoiser would see stays to the dense one).
     """
     import copy
+    import logging
 
     import torch
 
+    # torchao's import-time notices (torch's pytree registry) are not the reader's to act on (as in run.cli).
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     sys.path.insert(0, str(ROOT))
     from skrr import PruningPlan, export_pruned, load_pruned
     from skrr.calib import DEFAULT_PROMPTS, load_prompts

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random encoders built from configs (T5 v1.1 gated-GELU, CLIP text, BERT), offline."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -41,3 +42,17 @@ def tokens():
     mask[1, 8:] = 0
     ids[1, 8:] = 0
     return ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo the logging set-up of entry points run in-process (Hydra's job logging, a script's basicConfig):
+    a handler left on a logger would write to this test's captured stream after pytest has closed it."""
+    def loggers() -> list[logging.Logger]:
+        named = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+        return [logging.getLogger(), *named]
+
+    before = {id(lg): (lg, list(lg.handlers)) for lg in loggers()}
+    yield
+    for lg, handlers in before.values():
+        lg.handlers[:] = handlers

@@ -57,8 +57,6 @@ def check_group_choices(argv: list[str]) -> str | None:
 
 def check_slurm(argv: list[str]) -> str | None:
     """A one-line message when a sweep asks for the Slurm launcher on a machine without Slurm's commands."""
-    import shutil
-
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if not multirun or "hydra/launcher=submitit_slurm" not in argv:
         return None
@@ -351,12 +349,9 @@ def refuse(message: str, results: Any = None) -> None:
 
 def cli(argv: list[str]) -> None:
     """``python run.py ARGS``: the checks Hydra cannot make, then Hydra's main."""
-    # Import-time notices of torchao, which transformers' and diffusers' quantizers import when a model loads:
-    # torch calls its Enum pytree constants deprecated, diffusers cannot import some of its tensor classes
-    # (only torchao-serialized checkpoints need them; none is loaded here). Not the user's to fix, and on
-    # stderr they would break the one-line contract of a bad input's error.
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+    from skrr.quantize import quiet_import_notices
+
+    quiet_import_notices()
     problem = check_group_choices(argv) or check_slurm(argv) or check_before_hydra(argv)
     if problem:
         refuse(problem)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from skrr.calib import CalibrationSet
     from skrr.interface import PruningMethod
 
-__all__ = ["base_meta", "changes_encoder", "check_reuse_order", "prefix_plans", "prune_denoiser", "prune_encoder",
+__all__ = ["base_meta", "changes_encoder", "check_reuse_order", "prefix_plans", "prune_denoiser", "prune_encoder", "zeroes_weights",
            "with_reuse"]
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,16 @@ def check_reuse_order(order: str) -> str:
 WEIGHT_RULES = ("magnitude", "wanda")
 
 
+def zeroes_weights(plan: PruningPlan) -> bool:
+    """Whether the plan carries a rule that zeroes weights inside tensors (magnitude, Wanda, or a denoiser rule),
+    which needs the dense weights in memory, rather than only dropping or re-using whole units."""
+    return any(k in plan.meta for k in WEIGHT_RULES) or "denoiser" in plan.meta
+
+
 def changes_encoder(plan: PruningPlan) -> bool:
     """Whether ``prune_encoder`` changes anything: a non-identity plan, or a magnitude/Wanda plan (identity
     slots, zeroed weights) -- including one that prunes only the denoiser (``meta['denoiser']``)."""
-    return not plan.is_identity or any(k in plan.meta for k in WEIGHT_RULES) or "denoiser" in plan.meta
+    return not plan.is_identity or zeroes_weights(plan)
 
 
 def weight_rule_target(encoder: nn.Module, plan: PruningPlan, key: str, inplace: bool) -> nn.Module:

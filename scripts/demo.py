@@ -56,17 +56,16 @@ def shipping_report(cell: Path, out: Path) -> list[str]:
     over the 64 calibration prompts (how close the conditioning a denoiser would see stays to the dense one).
     """
     import copy
-    import logging
 
     import torch
 
-    # torchao's import-time notices (torch's pytree registry) are not the reader's to act on (as in run.cli).
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     sys.path.insert(0, str(ROOT))
     from skrr import PruningPlan, export_pruned, load_pruned
     from skrr.calib import DEFAULT_PROMPTS, load_prompts
     from skrr.pipelines import tiny_text_encoder
-    from skrr.quantize import quantize_encoder, weight_bytes
+    from skrr.quantize import quantize_encoder, quiet_import_notices, weight_bytes
+
+    quiet_import_notices()
 
     dense, tokenizer = tiny_text_encoder("minilm")
     plan = PruningPlan.from_json(cell / "plan.json")

@@ -220,8 +220,8 @@ def build_tiny_sd2_pipeline(seed: int = 0) -> Any:
     encoder, tokenizer = tiny_sd2_text_encoder(seed)
     pipe = StableDiffusionPipeline(vae=tiny.tiny_vae(seed), text_encoder=encoder, tokenizer=tokenizer,
                                    unet=tiny.tiny_unet(encoder.config.hidden_size, seed),
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -26,6 +26,15 @@ class QuantizeError(ValueError):
     """A quantization mode that is unknown or cannot run here."""
 
 
+def quiet_import_notices() -> None:
+    """Silence torchao's import-time notices, which transformers' and diffusers' quantizers trigger whenever a model
+    loads: torch calls its Enum pytree constants deprecated, diffusers cannot import some of its tensor classes
+    (only torchao-serialized checkpoints need them). Not the user's to fix, and on stderr they would break the
+    one-line contract of a bad input's error."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+
+
 def check_mode(mode: str | None, device: str | torch.device = "cpu") -> str:
     """The mode, validated for the device: one-line QuantizeError naming the fix otherwise."""
     mode = mode or "none"

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from skrr.plan import EncoderSignature, PruningPlan, Slot
-from skrr.experiments.store import Cell
+from skrr.experiments.store import Cell, CellStore
 from skrr.experiments.tracking import Tracker, log_table, metric_name, resolve_mode, run_id
 
 CELL = Cell("tiny", "skrr", 0.419, 0, "k1")
@@ -162,3 +162,26 @@ def test_log_table_logs_every_row_with_its_backbone(tmp_path: Path, monkeypatch:
     table = logged["table/demo"]
     assert isinstance(table, wandb.Table) and table.columns == ["row", "ours", "backbone"] and table.data == rows
     assert logged["init"]["job_type"] == "table" and fake.summary["table/demo/notes"] == "^a stand-in"
+
+
+def test_score_stage_hands_each_metric_files_backbone_to_the_tracker(tmp_path: Path) -> None:
+    # W&B names a stand-in's metric by its backbone: the stage must pass the label of each file it read.
+    from eval.score import metric_specs
+    from skrr.experiments import stages
+    from skrr.experiments.results import CONFIG_DIR, compose_configs
+    from skrr.io import atomic_write_json
+
+    (cfg,) = compose_configs(CONFIG_DIR, ["eval=offline", "pipeline=tiny"])
+    store = CellStore(tmp_path, Cell("tiny", "skrr", 0.3), {}).open()
+    keys = list(metric_specs(cfg.eval))
+    for i, key in enumerate(keys):
+        atomic_write_json(store.metric_path(key), {"value": float(i), "backbone": f"backbone-of-{key}"})
+    calls = []
+
+    class Recorder:
+        def log_metrics(self, values, backbones=None):
+            calls.append((values, backbones))
+
+    values = stages.score(cfg, store, pipe=None, device="cpu", tracker=Recorder())
+    assert values == {key: float(i) for i, key in enumerate(keys)}
+    assert calls == [(values, {key: f"backbone-of-{key}" for key in keys})]

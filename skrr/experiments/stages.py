@@ -141,10 +141,9 @@ def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device,
 
     The denoiser is pruned before the encoder: Wanda's U-Net activations come from denoising steps conditioned
     on the dense encoder's features, as the encoder's own norms come from the dense encoder."""
-    from baselines import WEIGHT_RULES, changes_encoder, prune_denoiser, prune_encoder  # or zeroed weights
+    from baselines import changes_encoder, prune_denoiser, prune_encoder, zeroes_weights
 
-    weight_rules = any(k in plan.meta for k in WEIGHT_RULES) or "denoiser" in plan.meta
-    if changes_encoder(plan) and not plan.merged and not weight_rules:
+    if not plan.is_identity and not plan.merged and not zeroes_weights(plan):
         # Skip / re-use plans: read only the kept tensors of the dense checkpoint, cast each one, straight
         # to the device (the dense encoder never exists); the pipeline then loads without its text encoder.
         encoder, _ = load_pruned_text_encoder(spec, plan, device)
@@ -289,8 +288,8 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
     todo = [k for k in specs if not store.metric_path(k).exists()]
     if not todo:
         log.info("score: done before")
-        values = {k: _read_value(store.metric_path(k)) for k in specs}
-        tracker.log_metrics(values, backbones={k: _read_backbone(store.metric_path(k)) for k in specs})
+        values, backbones = _read_metrics({k: store.metric_path(k) for k in specs})
+        tracker.log_metrics(values, backbones=backbones)
         return values
     needs_dense = any(specs[k]["metric"] in DENSE_METRICS or specs[k].get("ref_dir") == "dense" for k in todo)
     dense_root = dense_images(cfg, store, pipe.spec, device) if needs_dense else None
@@ -301,20 +300,16 @@ def score(cfg: DictConfig, store: CellStore, pipe: LazyPipeline, device: torch.d
                            settings=generation_settings(cfg),
                            info={"cell": store.cell.label(), "plan": plan.summary(), "signature": store.signature})
     paths = score_all(cfg.eval, store.images_dir, dense_root, store.metrics_dir, context)
-    values = {k: _read_value(p) for k, p in paths.items()}
+    values, backbones = _read_metrics(paths)
     store.mark_done("score", {"metrics": values})
-    tracker.log_metrics(values, backbones={k: _read_backbone(p) for k, p in paths.items()})
+    tracker.log_metrics(values, backbones=backbones)
     return values
 
 
-def _read_value(path: Path) -> float | None:
+def _read_metrics(paths: dict[str, Path]) -> tuple[dict[str, float | None], dict[str, str | None]]:
+    """(headline value, backbone label) of each metric file, each file read once; W&B names a stand-in's
+    metric by its backbone (tracking.metric_name)."""
     from skrr.experiments.store import read_json
 
-    return read_json(path).get("value")
-
-
-def _read_backbone(path: Path) -> str | None:
-    """The label of what measured a metric file's number (W&B names the metric by it: tracking.metric_name)."""
-    from skrr.experiments.store import read_json
-
-    return read_json(path).get("backbone")
+    records = {k: read_json(p) for k, p in paths.items()}
+    return {k: r.get("value") for k, r in records.items()}, {k: r.get("backbone") for k, r in records.items()}

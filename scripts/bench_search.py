@@ -3,18 +3,22 @@
     python scripts/bench_search.py                      # tiny 12-block T5 (d_model 256) on CPU, both searches, same plan
     python scripts/bench_search.py --layers 24 --d-model 32 --prompts 64   # the paper's 48 units and 24 rounds
     python scripts/bench_search.py --layers 24 --d-model 32 --prompts 64 --work-only   # the same work ratio, fast
+    python scripts/bench_search.py --layers 24 --d-model 32 --prompts 1000 --work-only # the paper's 1k prompts
     python scripts/bench_search.py --paper-scale        # T5-v1.1-XXL shapes, random weights, GPU: cost estimate
 
 The default run builds a tiny-but-deep T5 (12 blocks = 24 units, d_model 256: compute-bound, so the wall
-ratio follows the work), a random PixArt caption projection and a few prompts from
-skrr/data/calib_prompts.txt, runs Skrr with ``prefix_cache=False`` (one full forward per candidate) and
-``prefix_cache=True`` for the same rounds (half the units, the paper's rule), asserts that both return the
+ratio follows the work), a random PixArt caption projection and the first ``--prompts`` prompts of
+skrr/data/calib_prompts.txt (past its 64, distinct synthetic ones: a shipped prompt with its words shuffled,
+seeded by the index; the paper used 1k prompts), runs Skrr with ``prefix_cache=False`` (one full forward per
+candidate) and ``prefix_cache=True`` for the same rounds (half the units, the paper's rule), asserts that both return the
 same plans with the same scores and leads with the ratio of encoder token-evaluations (rows x tokens over all
 module calls: hardware-independent), with the wall-clock ratio beside it. It ends with the memory peak of
 scoring one module call's worth of stacked candidates: ``CalibrationSet.row_errors`` vs the same sums on
 whole-tensor float32/float64 copies. ``--work-only`` runs the fast search alone and counts the straightforward
 search's token-evaluations by its closed form (each candidate runs its kept units over every prompt and ∅),
-which every side-by-side run checks against the measured count.
+which every side-by-side run checks against the measured count. ``--state-cache-gib`` is the memory for
+hidden states kept across rounds: each beam's, then candidate states the next round restarts from (the
+line of the fast search prints their peak); 0 keeps none (same plan, more work).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import logging
 import math
 import os
+import random
 import sys
 import time
 import zlib
@@ -50,7 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spread", type=float, default=0.0,
                    help="scale each unit's output projection by 10**U(-spread, 0): units of unequal importance, "
                         "as in trained encoders (0 = the plain random tiny T5, where all units look alike)")
-    p.add_argument("--prompts", type=int, default=None, help="calibration prompts (default 8; paper scale 64)")
+    p.add_argument("--prompts", type=int, default=None, help="calibration prompts (default 8; paper scale 64); past "
+                                                             "the 64 shipped ones, their words reshuffled")
     p.add_argument("--max-length", type=int, default=None, help="tokens per prompt, padded (default 32; paper "
                                                                  "scale 300, PixArt-Σ)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.3], help="target sparsities (prefixes of the "
@@ -62,7 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a shared box)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="rows x tokens per module call")
     p.add_argument("--state-cache-gib", type=_gib, default=STATE_CACHE_GIB,
-                   help="memory for beam hidden states kept across rounds (0: recompute each beam's prefix)")
+                   help="memory for hidden states kept across rounds: each beam's, then candidate states the "
+                        "next round restarts from (0: keep none; same plan, more work)")
     p.add_argument("--rounds", type=int, default=2, help="paper-scale: Skip rounds to time")
     p.add_argument("--naive-evals", type=int, default=3, help="paper-scale: straightforward evaluations to time")
     p.add_argument("--work-only", action="store_true",
@@ -85,7 +92,7 @@ def _gib(text: str) -> float:
 
 # ----------------------------------------------------------------------------------------------- tiny, CPU
 def tiny_calibration(args: argparse.Namespace) -> CalibrationSet:
-    """Tiny deep T5 + random PixArt caption projection + the first prompts of the shipped file."""
+    """Tiny deep T5 + random PixArt caption projection + ``--prompts`` prompts (calibration_prompts)."""
     from diffusers.models.embeddings import PixArtAlphaTextProjection
 
     from skrr.tiny import tiny_t5, tiny_t5_tokenizer
@@ -99,9 +106,22 @@ def tiny_calibration(args: argparse.Namespace) -> CalibrationSet:
                     w.mul_(10 ** (-args.spread * torch.rand((), generator=g)))
     torch.manual_seed(args.seed)
     projection = PixArtAlphaTextProjection(in_features=args.d_model, hidden_size=2 * args.d_model)
-    prompts = load_prompts(DEFAULT_PROMPTS)[:args.prompts]
+    prompts = calibration_prompts(args.prompts)
     return CalibrationSet(encoder, tiny_t5_tokenizer(), prompts, projection, max_length=args.max_length,
                           metric=args.metric, token_mask=args.token_mask, batch_size=16)
+
+
+def calibration_prompts(count: int) -> list[str]:
+    """The first ``count`` prompts of the shipped file; past its end (the paper used 1k prompts), distinct
+    synthetic ones: prompt i is shipped prompt i mod 64 with its words shuffled by a generator seeded with i
+    (deterministic, same lengths and vocabulary)."""
+    shipped = load_prompts(DEFAULT_PROMPTS)
+    out = shipped[:count]
+    for i in range(len(shipped), count):
+        words = shipped[i % len(shipped)].split()
+        random.Random(i).shuffle(words)
+        out.append(" ".join(words))
+    return out
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -127,7 +147,8 @@ def compare(args: argparse.Namespace) -> int:
                         "evals": calib.stats.plans, "abandoned": calib.stats.abandoned}
         name = "prefix_cache=True " if cached else "prefix_cache=False"
         print(f"{name}: {calib.stats.token_evals / 1e6:9.2f} M token-evals  {seconds:8.2f} s  "
-              f"{calib.stats.plans:6d} candidates scored ({calib.stats.abandoned} abandoned early)")
+              f"{calib.stats.plans:6d} candidates scored ({calib.stats.abandoned} abandoned early)"
+              + (f"; kept candidate states peaked at {calib.stats.restart_peak / 2 ** 20:.0f} MiB" if cached else ""))
     counted = straightforward_tokens(calib, runs[True]["plans"])
     if args.work_only:
         print(f"straightforward search (closed form, not run): {counted / 1e6:9.2f} M token-evals; "

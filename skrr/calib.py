@@ -13,10 +13,14 @@ plans at once with the same arithmetic and far less work (Skrr's search, SPEC §
   runs once for all its candidates);
 - candidate batching: at each position a module runs once on every tree node that needs it (and, when no
   bound is given, on several prompts at once);
-- early abandon: ∅ first, then the prompts one at a time; a plan whose partial error already exceeds
-  ``bound`` is dropped, since every remaining error term is >= 0 (D is a sum of non-negative terms). For a
-  beam (``keep=k``) the bound comes from the plans themselves: after ∅, the 2k lowest are finished and the
-  k-th of their D bounds the rest, which then cannot enter the beam (Alg. 1) once past it;
+- early abandon: ∅ first, then the prompts a few at a time (at most 1/BOUND_STEPS of them), those that gave
+  the largest errors in the last call first; a plan whose partial error already exceeds ``bound`` is dropped,
+  since every remaining error term is >= 0 (D is a sum of non-negative terms). For a beam (``keep=k``) the
+  bound comes from the plans themselves: after ∅, the 2k lowest are finished and the k-th of their D bounds
+  the rest, which then cannot enter the beam (Alg. 1) once past it; after each step, up to k plans whose D
+  extrapolated from the prompts so far is below the bound are finished too, and the k-th lowest D of all
+  finished plans tightens the bound (a threshold schedule: the plans that will enter the beam are found
+  before the others have run most prompts);
 - padding: with ``token_mask`` the padded tail is cut where the pipeline gives the encoder its mask (PixArt-Σ:
   valid tokens give the tail zero attention weight and it is not scored); without ``token_mask``, or for SD3
   and FLUX (T5 runs without a mask, so valid tokens attend to the padding), nothing is cut.
@@ -33,6 +37,13 @@ Re-use phase one for the current plan. The price is memory: (positions + 1) x (p
 base, ~10 MB for the tiny benchmark but ~120 GB per beam for T5-XXL on 1k prompts x 300 tokens, so callers
 keep bases only within a byte budget (``state_bytes`` tells the size) and otherwise fall back to the tree,
 which then recomputes each beam's trunk per prompt and round.
+
+Candidate states across rounds (``RestartStates``, the Skip phase's, within the same budget): a next-round
+candidate F ∪ {u} of a new beam F that skips u before F's own last skip v agrees, up to v, with this round's
+candidate (F \ {v}) ∪ {u}, so it restarts at v from that candidate's kept state instead of at u; a new beam's
+states are assembled from those kept while it was scored (only ∅ runs). On the 48-unit benchmark this cuts
+the work left after prefix sharing and early abandon by about a third; its memory is that of every possible beam's candidates,
+prompt by prompt as they are scored, so at T5-XXL scale only a budget's worth of it is kept.
 """
 from __future__ import annotations
 
@@ -42,7 +53,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -66,6 +77,10 @@ MAX_TOKENS = 2 ** 16
 # stay at 48 MiB however many candidates are stacked (one T5-XXL prompt after PixArt-Σ's projection is
 # 300 x 1152 = 345,600 elements).
 ERROR_PIECE = 2 ** 22
+# With a bound, ``discrepancies`` scores at most 1/BOUND_STEPS of the prompts per step before it drops the plans
+# proven worse: finer steps drop them sooner (less work), coarser ones stack more prompts per module call. On
+# the 48-unit benchmark 64 steps do 4 % less work than 32 (scripts/bench_search.py).
+BOUND_STEPS = 64
 
 
 class CalibrationError(ValueError):
@@ -171,9 +186,11 @@ class _Schedule:
     """The plan tree of a set of plans, the same for every prompt: the starting state of each initial row
     (None: the embeddings; (base, p): ``bases[base].states[p]``), steps, and each plan's final row."""
 
-    inits: list[tuple[int, int] | None]
+    inits: list[tuple[int, ...] | None]
     steps: list[_Step]
     leaves: list[int]
+    # Restart states to capture: before step j (j = len(steps): at the end), the node at row ``node``.
+    grabs: dict[int, list[tuple[int, "_Restart"]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +200,7 @@ class ScoreStats:
     plans: int = 0  # plans asked for
     abandoned: int = 0  # plans given up once their partial error passed the bound
     token_evals: int = 0  # sum over module calls of rows x tokens (the FLOP proxy)
+    restart_peak: int = 0  # most bytes of RestartStates held at once
 
 
 @dataclass
@@ -204,6 +222,122 @@ class PrefixStates:
             if a != b:
                 return pos
         return len(self.keys)
+
+
+class RestartStates:
+    """Hidden states of one round's candidates that the next round's candidates restart from (Skip phase).
+
+    A next-round candidate T = F + {u} (F a new beam, u skipped) has the hidden state, up to the second
+    position p where they differ, of any candidate Q of this round that skips u where F runs it and agrees
+    with F elsewhere before p: e.g. Q = S' + {u} and F = S' + {v}, u < v, agree with T on [0, v). So T
+    restarts at p from Q's state instead of at u from F's beam state (``restart_position``). Exact: the state
+    at the input of position p depends only on what runs before p.
+
+    The new beams are not known while a round runs, so ``discrepancies`` captures for every possible beam (the
+    race's finished plans and every plan that survives the first bound) and releases what served a plan once
+    it is abandoned; it captures each prompt a plan with that prefix is scored on (∅ from the race's first
+    chunk), and a possible beam's own states at every position, from which its ``PrefixStates`` are then
+    assembled instead of recomputed. ``advance(beams)`` keeps what serves the new beams for the next round.
+    Everything stays within ``limit`` bytes (beyond it, candidates start from their beam: same plan, more
+    work).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.previous: dict[tuple[Any, ...], _Restart] = {}  # read this round (captured in the last one)
+        self.current: dict[tuple[Any, ...], _Restart] = {}  # captured this round
+        self._by_beam: dict[tuple[Any, ...], list[_Restart]] = {}
+        self.bytes = 0
+        self.full = False  # logged once
+
+    def lookups(self, keys: Sequence[Any], after: int) -> list[tuple[int, "_Restart"]]:
+        """Kept states a plan (by slot keys) may restart from past position ``after``, latest position first."""
+        out = []
+        for p in sorted({len(k) for k in self.previous}, reverse=True):
+            if p > after and (entry := self.previous.get(tuple(keys[:p]))) is not None:
+                out.append((p, entry))
+        return out
+
+    def want(self, prefix: tuple[Any, ...], serves: tuple[Any, ...]) -> "_Restart":
+        """The entry that captures the state of plans with this prefix (for the possible beam ``serves``)."""
+        entry = self.current.setdefault(prefix, _Restart())
+        if serves not in entry.serves:
+            entry.serves.add(serves)
+            self._by_beam.setdefault(serves, []).append(entry)
+        return entry
+
+    def put(self, entry: "_Restart", indices: Sequence[int], block: torch.Tensor) -> None:
+        """Keep the states [prompts, tokens, d] of some prompts (a copy, so the search's big tensors are
+        freed) while within the limit."""
+        new = [j for j, k in enumerate(indices) if k not in entry.rows]
+        if not new:
+            return
+        size = len(new) * block[0].numel() * block.element_size()
+        if self.bytes + size > self.limit:
+            if not self.full:
+                log.info("skrr: kept candidate states reached their budget (%.2f GiB); later candidates start "
+                         "from their beam (same plan, more work)", self.limit / 2 ** 30)
+            self.full = True
+            return
+        copy = block[new] if len(new) < len(indices) else block.clone()  # indexing copies already
+        entry.rows.update((indices[j], (copy, c)) for c, j in enumerate(new))
+        entry.nbytes += size
+        self.bytes += size
+
+    def drop(self, entry: "_Restart") -> None:
+        """Free an entry's states."""
+        self.bytes -= entry.nbytes
+        entry.rows.clear()
+        entry.nbytes = 0
+
+    def release(self, beam: tuple[Any, ...]) -> None:
+        """``beam`` (slot keys) was proven not to be a beam: free what was kept only for it."""
+        for entry in self._by_beam.pop(beam, ()):
+            entry.serves.discard(beam)
+            if not entry.serves:
+                self.drop(entry)
+
+    def advance(self, beams: Sequence[Sequence[Any]]) -> None:
+        """End of a round: keep the states that serve the new ``beams`` (slot keys), readable next round."""
+        wanted = {tuple(b) for b in beams}
+        self.previous = {k: e for k, e in self.current.items() if e.serves & wanted and e.rows}
+        self.current, self._by_beam = {}, {}
+        self.bytes = sum(e.nbytes for e in self.previous.values())
+        self.full = False
+
+
+@dataclass(eq=False)  # hashed by identity: it names a tree's starting state
+class _Restart:
+    """One kept state: per prompt index (∅: -1), its hidden state [tokens, d] (tokens: its chunk's length) as
+    (block, row) of a copied block of prompts."""
+
+    rows: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    serves: set[tuple[Any, ...]] = field(default_factory=set)
+    nbytes: int = 0
+
+    def covers(self, indices: Sequence[int], length: int) -> bool:
+        return all(k in self.rows and self.rows[k][0].shape[1] >= length for k in indices)
+
+    def state(self, index: int, length: int) -> torch.Tensor:
+        block, row = self.rows[index]
+        return block[row, :length]
+
+
+def restart_position(candidate: Sequence[Any], beam: Sequence[Any]) -> int | None:
+    """Where a next-round candidate T = ``beam`` with one more position skipped can restart from
+    ``candidate``'s state (RestartStates): the second position where the two differ, if at the first the
+    candidate skips what the beam runs; else None."""
+    first = second = None
+    for pos, (a, b) in enumerate(zip(candidate, beam)):
+        if a != b:
+            if first is None:
+                first = pos
+            else:
+                second = pos
+                break
+    if first is None or second is None or candidate[first] is not None or beam[first] is None:
+        return None
+    return second
 
 
 class CalibrationSet:
@@ -378,11 +512,13 @@ class CalibrationSet:
 
     @torch.no_grad()
     def prefix_states(self, plan: PruningPlan, parent: PrefixStates | None = None, *,
-                      max_tokens: int = MAX_TOKENS) -> PrefixStates:
+                      max_tokens: int = MAX_TOKENS, restarts: RestartStates | None = None) -> PrefixStates:
         """``plan``'s hidden state at the input of every position, for every prompt and ∅.
 
         With ``parent`` (a base sharing a prefix with ``plan``) the states before the first differing
-        position are the parent's tensors and only the positions from there on are computed.
+        position are the parent's tensors and only the positions from there on are computed; of those, the
+        prompts' states are taken from ``restarts`` when they were all kept there while the plan was scored
+        (a new beam: it was scored on every prompt), so only ∅ runs.
         """
         self.runner.check(plan)
         keys = plan_keys(plan)
@@ -390,6 +526,17 @@ class CalibrationSet:
         max_rows = max(1, max_tokens // self.max_length)
         if parent is not None:
             states = parent.states[:start + 1]
+            kept = self._kept_prompt_states(keys, start, restarts)
+            if kept is not None:
+                null = states[-1][len(self.prompts):]  # ∅, when there is one
+                ctx = self.runner.prepare(self._row_ids[len(self.prompts):],
+                                          self._rows_mask(slice(len(self.prompts), None)))[1]
+                for pos, prompt_states in zip(range(start, len(keys)), kept):
+                    if null.shape[0] and keys[pos] is not None:
+                        self.stats.token_evals += null.shape[0] * null.shape[1]
+                        null = self._code_modules[self._code(keys[pos])](null, ctx)
+                    states.append(torch.cat([prompt_states, null]) if null.shape[0] else prompt_states)
+                return PrefixStates(keys, states)
         else:
             states = [torch.cat([self.runner.prepare(self._row_ids[rows], self._rows_mask(rows))[0]
                                  for rows, _ in self._contexts(max_rows)])]
@@ -401,6 +548,21 @@ class CalibrationSet:
                 h = torch.cat([module(h[rows], ctx) for rows, ctx in self._contexts(max_rows)])
             states.append(h)
         return PrefixStates(keys, states)
+
+    def _kept_prompt_states(self, keys: Sequence[Any], start: int,
+                            restarts: RestartStates | None) -> list[torch.Tensor] | None:
+        """The prompts' states of a plan at the input of positions start+1 .. end, when ``restarts`` kept them
+        all at full length (not with a cut input), else None."""
+        if restarts is None or self._cut:
+            return None
+        out = []
+        every = range(len(self.prompts))
+        for pos in range(start + 1, len(keys) + 1):
+            entry = restarts.previous.get(tuple(keys[:pos]))
+            if entry is None or not entry.covers(every, self.max_length):
+                return None
+            out.append(torch.stack([entry.state(k, self.max_length) for k in every]))
+        return out
 
     def _rows_mask(self, rows: slice) -> torch.Tensor | None:
         return None if self._row_mask is None else self._row_mask[rows]
@@ -418,7 +580,8 @@ class CalibrationSet:
     @torch.no_grad()
     def discrepancies(self, plans: Sequence[PruningPlan], bound: float = math.inf, *, keep: int | None = None,
                       bases: Sequence[PrefixStates] = (), max_tokens: int = MAX_TOKENS,
-                      progress: Callable[[int], None] | None = None) -> list[float | None]:
+                      progress: Callable[[int], None] | None = None,
+                      restarts: RestartStates | None = None) -> list[float | None]:
         """D of every plan, as ``discrepancy`` computes it, or None for a plan whose D is proven > ``bound``
         or, with ``keep``, proven to exceed the D of ``keep`` other plans (it cannot be among the ``keep``
         lowest: Alg. 1's beam).
@@ -430,22 +593,30 @@ class CalibrationSet:
         Each plan starts from the base in ``bases`` it shares the longest prefix with (from the embeddings
         when none shares any). With ``keep``, every plan is first scored on ∅, the 2 x ``keep`` lowest there
         are finished, and the ``keep``-th of their D bounds the others. ``progress(n)`` is called as plans
-        finish; ``max_tokens`` caps rows x tokens per module call.
+        finish; ``max_tokens`` caps rows x tokens per module call. ``restarts`` (the beam search's): a plan
+        also restarts, prompt by prompt, from a state kept there in the last round when that is later than
+        its base, and with ``keep`` the states the next round can restart from are captured into it.
         """
         for p in plans:
             if p.encoder != self.runner.signature or p.granularity != self.granularity:
                 self.runner.check(p)  # raises the one-line reason
         self.stats.plans += len(plans)
         n = len(plans)
-        codes, inits = [], []
+        codes, inits, starts, keys = [], [], [], []
         # With a cut input (token_mask, masked encoder) the dense reference is recomputed on it: the identity, last.
         for p in list(plans) + ([self.identity] if self._cut else []):
             own = plan_keys(p)
             start, base = max(((b.start(own), -i) for i, b in enumerate(bases)), default=(0, 0))
             # Positions before the start are already in the base's state: nothing runs there.
-            codes.append([0] * start + [self._code(k) for k in own[start:]])
+            codes.append([self._code(k) for k in own])
             inits.append((-base, start) if start else None)
+            starts.append(start)
+            keys.append(own)
         code_matrix = np.array(codes, dtype=np.int64)
+        # Later starts kept from the last round (per prompt: a kept state holds the prompts it was scored on).
+        later = [restarts.lookups(own, start) if restarts else [] for own, start in zip(keys, starts)]
+        grabs: dict[int, list[tuple[int, _Restart]]] = {}  # plan -> (position, entry) to capture
+        null_kept: dict[tuple[Any, ...], _Restart] = {}  # the race's ∅ states, by prefix
         sums_p: list[list[float]] = [[] for _ in range(n)]
         sums_n: list[list[float]] = [[] for _ in range(n)]
         count_p = self._total_count(self.batches)
@@ -461,11 +632,39 @@ class CalibrationSet:
             return _mean(sums_p[i], count_p) + _mean(sums_n[i], count_n)
 
         def run(chunk: _Chunk, members: list[int]) -> None:
-            key = tuple(members)
-            if key not in schedules:  # the tree depends on the plans only: rebuild it when some were dropped
-                rows = members + ([n] if self._cut else [])
-                schedules[key] = self._schedule(code_matrix[rows], [inits[i] for i in rows])
-            sums = self._run_tree(chunk, schedules[key], max_rows, bases)  # [members, prompts], float64
+            rows = members + ([n] if self._cut else [])
+            length = chunk.input_ids.shape[1]
+            begin, init = {}, {}
+            for i in rows:  # each plan's latest start for this chunk's prompts
+                begin[i], init[i] = starts[i], inits[i]
+                for p, entry in later[i]:
+                    if entry.covers(chunk.indices, length):
+                        begin[i], init[i] = p, (entry, p)
+                        break
+            # States to keep (RestartStates), each from one plan that holds it: from its start on, the tree
+            # holds a plan's state at every position.
+            supplied: dict[int, tuple[int, int, Any]] = {}  # one plan per entry: the first that holds it
+            if chunk.null and race and restarts is not None:
+                # ∅ runs before the possible beams are known: keep every state of its tree for now (aim()
+                # hands the wanted ones over, the rest is freed after the race).
+                for r, i in enumerate(members):
+                    for p in range(begin[i], len(keys[i]) + 1):
+                        entry = null_kept.setdefault(tuple(keys[i][:p]), _Restart())
+                        supplied.setdefault(id(entry), (r, p, entry))
+            for r, i in enumerate(rows):
+                for p, e in (grabs.get(i, ()) if not chunk.null else ()):
+                    if p >= begin[i] and e.serves and id(e) not in supplied:
+                        supplied[id(e)] = (r, p, e)
+            wanted = tuple(supplied.values())
+            key = (tuple(members), tuple(init[i] for i in rows), tuple((r, p, id(e)) for r, p, e in wanted))
+            if key not in schedules:  # the tree depends on the plans and their starts: rebuild on a change
+                matrix = code_matrix[rows].copy()
+                for r, i in enumerate(rows):
+                    matrix[r, :begin[i]] = 0  # already in the starting state: nothing runs there
+                schedules[key] = self._schedule(matrix, [init[i] for i in rows], wanted)
+            sums = self._run_tree(chunk, schedules[key], max_rows, bases, restarts)  # [members, prompts], float64
+            if restarts is not None:
+                self.stats.restart_peak = max(self.stats.restart_peak, restarts.bytes)
             target = sums_n if chunk.null else sums_p
             for i, row in zip(members, sums.tolist()):  # one device sync per chunk
                 target[i] += row
@@ -479,12 +678,41 @@ class CalibrationSet:
             self.stats.abandoned += len(members) - len(kept)
             for i in set(members) - set(kept):
                 done[i] = True
+                if restarts is not None:  # no longer a possible beam: nothing to keep for its candidates
+                    restarts.release(tuple(keys[i]))
             return kept
 
+        def aim(targets: list[int]) -> None:
+            # Capture the states that the next-round candidates of these possible beams restart from
+            # (restart_position), from whichever plan with that prefix is scored on a prompt.
+            if restarts is None:
+                return
+            matrix = code_matrix[:n]
+            for f in targets:
+                for pos in range(starts[f] + 1, len(keys[f]) + 1):  # its own states: a new beam's, ready
+                    restarts.want(tuple(keys[f][:pos]), tuple(keys[f]))
+                differs = matrix != matrix[f]
+                first = differs.argmax(axis=1)
+                differs[np.arange(n), first] = False
+                second = np.where(differs.any(axis=1), differs.argmax(axis=1), -1)
+                rows = np.arange(n)
+                ok = (second > 0) & (matrix[rows, first] == 0) & (matrix[f, first] != 0)
+                for i in np.flatnonzero(ok).tolist():
+                    restarts.want(tuple(keys[i][:second[i]]), tuple(keys[f]))
+            for prefix, entry in restarts.current.items():
+                if -1 not in entry.rows and (null := null_kept.get(prefix)) is not None and -1 in null.rows:
+                    restarts.put(entry, [-1], null.state(-1, null.rows[-1][0].shape[1])[None])
+            grabs.clear()
+            wants = restarts.current
+            for pos in sorted({len(w) for w in wants}):
+                for i in range(n):
+                    if (entry := wants.get(tuple(keys[i][:pos]))) is not None:
+                        grabs.setdefault(i, []).append((pos, entry))
+
         def per_chunk(members: list[int], bounded: bool) -> Callable[[], int]:
-            # Prompts share module calls up to max_tokens; with a bound, at most 1/32 of them at a time so
-            # that hopeless plans are still dropped early (one at a time below 64 prompts).
-            cap = len(self.prompts) // 32 if bounded else len(self.prompts)
+            # Prompts share module calls up to max_tokens; with a bound, at most 1/BOUND_STEPS of them at a
+            # time so that hopeless plans are still dropped early (one at a time below 2 x BOUND_STEPS prompts).
+            cap = len(self.prompts) // BOUND_STEPS if bounded else len(self.prompts)
             return lambda: max(1, min(max_rows // (len(members) + 1), cap))
 
         alive = list(range(n))
@@ -494,16 +722,36 @@ class CalibrationSet:
             run(first, alive)
             ranked = sorted(alive, key=lambda i: (partial(i), i))
             finish, alive[:] = ranked[:2 * keep], sorted(ranked[2 * keep:])
+            aim(finish)
             for chunk in self._chunks(per_chunk(finish, False), skip=first.indices):
                 run(chunk, finish)
             bound = min(bound, sorted(partial(i) for i in finish)[keep - 1])
             alive[:] = prune(alive)
+            aim(alive)  # every plan still alive may become a beam
+            if restarts is not None:
+                for entry in null_kept.values():
+                    restarts.drop(entry)
+                null_kept.clear()
+        scored = [k for k in first.indices if k >= 0] if race else []
+        complete = list(finish) if race else []
         for chunk in chunks:
             if not alive:
                 break
             run(chunk, alive)
+            scored += chunk.indices
             if bound < math.inf:
                 alive[:] = prune(alive)
+            if race and alive:
+                scale = len(self.prompts) / len(scored)
+                est = {i: _mean(sums_n[i], count_n) + scale * _mean(sums_p[i], count_p) for i in alive}
+                extra = sorted((i for i in alive if est[i] < bound), key=lambda i: (est[i], i))[:keep]
+                if extra:
+                    for c in self._chunks(per_chunk(extra, False), skip=scored + [-1]):
+                        run(c, extra)
+                    complete += extra
+                    alive[:] = [i for i in alive if i not in extra]
+                    bound = min(bound, sorted(partial(i) for i in complete)[keep - 1])
+                    alive[:] = prune(alive)
         for k, err in seen.items():
             self._prompt_error[k] = err
         finished = [i for i in range(n) if not done[i]]
@@ -548,19 +796,26 @@ class CalibrationSet:
         length = int(valid.max()) + 1 if valid.numel() else 1
         return _Chunk(indices, ids[:, :length], mask[:, :length], None)
 
-    def _schedule(self, codes: np.ndarray, inits: list[tuple[int, int] | None]) -> _Schedule:
+    def _schedule(self, codes: np.ndarray, inits: list[Any], grabs: Sequence[tuple[int, int, Any]] = ()) -> _Schedule:
         """The prefix tree of some plans (slot codes [plans, positions] and starting states): a node is a set of
         plans that start from the same state and agree on every position so far, and so share one hidden
         state (SPEC §2: reuse the hidden state of the shared prefix); at each position a node splits by what
         its plans run there, a skip keeps the state as is, and each module runs once on all nodes that need
-        it (candidate batching).
+        it (candidate batching). ``grabs``: (plan row, position, entry): the state of that plan at the input
+        of that position is captured into the entry (RestartStates).
         """
         starts = list(dict.fromkeys(inits))
         node = np.array([starts.index(init) for init in inits], dtype=np.int64)  # each plan's node
         nodes = len(starts)
         skip = len(self._code_modules)  # sorts after every module
-        steps = []
-        for column in codes.T:
+        steps: list[_Step] = []
+        at: dict[int, list[tuple[int, Any]]] = {}
+        for row, pos, entry in grabs:
+            at.setdefault(pos, []).append((row, entry))
+        taken: dict[int, list[tuple[int, Any]]] = {}
+        for pos, column in enumerate(codes.T):
+            for row, entry in at.get(pos, ()):  # the node holds the state at the input of pos
+                taken.setdefault(len(steps), []).append((int(node[row]), entry))
             if not column.any():  # every plan skips here (or has not started yet): nothing to do
                 continue
             column = np.where(column == 0, skip, column)
@@ -577,7 +832,9 @@ class CalibrationSet:
                     runs.append((self._code_modules[code[segment[0]]], rows))
             steps.append(_Step(runs, keep))
             nodes = len(pairs)
-        return _Schedule(starts, steps, node.tolist())
+        for row, entry in at.get(codes.shape[1], ()):
+            taken.setdefault(len(steps), []).append((int(node[row]), entry))
+        return _Schedule(starts, steps, node.tolist(), taken)
 
     def _code(self, key: Any) -> int:
         if key not in self._codes:
@@ -585,11 +842,12 @@ class CalibrationSet:
             self._code_modules.append(self.runner.module_for(Slot(key[0], key[1], key[2])))
         return self._codes[key]
 
-    def _run_tree(self, chunk: _Chunk, schedule: _Schedule, max_rows: int,
-                  bases: Sequence[PrefixStates]) -> torch.Tensor:
+    def _run_tree(self, chunk: _Chunk, schedule: _Schedule, max_rows: int, bases: Sequence[PrefixStates],
+                  restarts: RestartStates | None = None) -> torch.Tensor:
         """Error sums [plans, prompts] (float64) of the scheduled plans on one chunk.
 
-        The hidden state holds one block of the chunk's prompts per tree node, node-major.
+        The hidden state holds one block of the chunk's prompts per tree node, node-major. A starting state is
+        the embeddings (None), a base's state ((base, position)) or a kept restart state ((entry, position)).
         """
         runner = self.runner
         h, ctx = runner.prepare(chunk.input_ids, chunk.attention_mask if self.encoding.masks_encoder else None)
@@ -598,7 +856,10 @@ class CalibrationSet:
             # The chunk's rows of each stored state (∅ is the last row; token_mask: the cut length).
             rows = torch.tensor([self._row_ids.shape[0] - 1 if k < 0 else k for k in chunk.indices],
                                 device=h.device)
-            h = torch.cat([h if init is None else bases[init[0]].states[init[1]].index_select(0, rows)[:, :length]
+            h = torch.cat([h if init is None else
+                           torch.stack([init[0].state(k, length) for k in chunk.indices])
+                           if isinstance(init[0], _Restart) else
+                           bases[init[0]].states[init[1]].index_select(0, rows)[:, :length]
                            for init in schedule.inits])
         per_call = max(1, max_rows // prompts)  # nodes per module call
         contexts: dict[int, StackContext] = {}
@@ -612,7 +873,12 @@ class CalibrationSet:
                                                ctx.kwargs)
             return contexts[nodes]
 
-        for step in schedule.steps:
+        def capture(j: int) -> None:
+            for node, entry in schedule.grabs.get(j, ()):
+                restarts.put(entry, chunk.indices, h.view(-1, prompts, *h.shape[1:])[node])
+
+        for j, step in enumerate(schedule.steps):
+            capture(j)
             nodes = h.view(-1, prompts, *h.shape[1:])
             outs = []
             for module, rows in step.runs:
@@ -624,6 +890,7 @@ class CalibrationSet:
             if step.keep is not None:
                 outs.append(_take(nodes, step.keep).flatten(0, 1))
             h = outs[0] if len(outs) == 1 else torch.cat(outs)
+        capture(len(schedule.steps))
         nodes = h.view(-1, prompts, *h.shape[1:])
         leaves = schedule.leaves
         ref = chunk.dense

@@ -18,9 +18,9 @@ at i; keep a change only if it strictly lowers D. No parameters are added.
 
 ``prefix_cache=True`` scores candidates with ``CalibrationSet.discrepancies`` (shared prefixes, batched
 candidates, early abandon of candidates that provably cannot enter the beam) and, within
-``state_cache_gib``, keeps each beam's hidden states across rounds (``PrefixStates``); ``False`` calls
-``discrepancy`` once per candidate. Both give the same plans and scores (tests/test_skrr.py,
-scripts/bench_search.py).
+``state_cache_gib``, keeps each beam's hidden states across rounds (``PrefixStates``) and the candidate
+states that the next round's candidates restart from (``RestartStates``); ``False`` calls ``discrepancy``
+once per candidate. Both give the same plans and scores (tests/test_skrr.py, scripts/bench_search.py).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from skrr.calib import MAX_TOKENS, PrefixStates, plan_keys
+from skrr.calib import MAX_TOKENS, PrefixStates, RestartStates, plan_keys
 from skrr.interface import (SPARSITY_TOLERANCE, PruningMethod, SparsityError, check_sparsity, describe_order,
                             prefix_plan, register_method)
 from skrr.plan import PlanError, PruningPlan, Slot, block_plan_to_units, part_of
@@ -90,22 +90,22 @@ class SkipResult:
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-Scorer = Callable[[Sequence[PruningPlan], float, Sequence[PrefixStates], int | None], list[float | None]]
+Scorer = Callable[..., list[float | None]]
 
 
 def _scorer(calib: "CalibrationSet", prefix_cache: bool, max_tokens: int, bar: Any) -> Scorer:
-    """``score(plans, bound, bases, keep)``: exact D per plan, or None where D > bound, or D above ``keep``
-    other plans', is proven (prefix cache only); plans start from the stored states in ``bases`` they share
-    a prefix with."""
+    """``score(plans, bound, bases, keep, restarts)``: exact D per plan, or None where D > bound, or D above
+    ``keep`` other plans', is proven (prefix cache only); plans start from the stored states in ``bases`` they
+    share a prefix with, or from the last round's in ``restarts``."""
     def tick(n: int) -> None:
         if bar is not None:
             bar.update(n)
 
     def score(plans: Sequence[PruningPlan], bound: float = math.inf, bases: Sequence[PrefixStates] = (),
-              keep: int | None = None) -> list[float | None]:
+              keep: int | None = None, restarts: RestartStates | None = None) -> list[float | None]:
         if prefix_cache:
             return calib.discrepancies(plans, bound, keep=keep, bases=bases, max_tokens=max_tokens,
-                                       progress=tick)
+                                       progress=tick, restarts=restarts)
         out: list[float | None] = []
         for p in plans:
             out.append(calib.discrepancy(p))
@@ -129,7 +129,8 @@ def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | N
 
     ``merge_same_set``: candidates that are the same set are one, with the order reached from the lower-D
     parent beam (ties: the parent's rank); False keeps the duplicates (literal Alg. 1, stable sort by D).
-    With the prefix cache, each beam's hidden states are kept while they fit in ``state_cache_gib``.
+    With the prefix cache, each beam's hidden states are kept while they fit in ``state_cache_gib``, and the
+    rest of that budget keeps candidate states for the next round (``RestartStates``).
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
@@ -146,6 +147,8 @@ def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | N
     outer = tqdm(total=rounds_cap, desc="skrr skip", unit="round", disable=not progress, leave=False)
     kept = _StateBudget(calib, state_cache_gib if prefix_cache else 0.0, max_tokens)
     held: dict[tuple[int, ...], PrefixStates] = {}
+    # Candidate states kept from one round for the next one's candidates (same budget, after the beam states).
+    restarts = RestartStates(kept.limit) if kept.limit > 0 else None
 
     while len(result.rounds) < rounds_cap:
         start = time.perf_counter()
@@ -153,17 +156,22 @@ def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | N
         plans = [PruningPlan.from_skips(sig, o, gran, "skrr") for o in orders]
         # Each beam's states, derived from its parent's (the beam of the last round it extends).
         held = kept.derive({b.order: PruningPlan.from_skips(sig, b.order, gran, "skrr") for b in beams},
-                           held, parent_of=lambda order: order[:-1])
+                           held, parent_of=lambda order: order[:-1], restarts=restarts)
         bar = tqdm(total=len(plans), desc=f"round {len(result.rounds) + 1}", unit="cand",
                    disable=not progress, leave=False)
         # None: proven worse than beam_width other candidates, so it cannot be kept (prefix cache only).
-        scores = _scorer(calib, prefix_cache, max_tokens, bar)(plans, math.inf, list(held.values()), beam_width)
+        if restarts is not None:
+            restarts.limit = kept.limit - kept.held_bytes(held)
+        scores = _scorer(calib, prefix_cache, max_tokens, bar)(plans, math.inf, list(held.values()), beam_width,
+                                                               restarts)
         bar.close()
         found = [Beam(o, d) for o, d in zip(orders, scores) if d is not None]
         # Merged: one candidate per set, so ties between sets go to the smaller ordered list. Literal Alg. 1:
         # a stable sort by D alone (duplicates of one set have the same D and stay in expansion order).
         beams = sorted(found, key=(lambda b: (b.score, b.order)) if merge_same_set else (lambda b: b.score))
         beams = beams[:beam_width]
+        if restarts is not None:
+            restarts.advance([plan_keys(PruningPlan.from_skips(sig, b.order, gran, "skrr")) for b in beams])
         result.rounds.append(beams)
         result.candidates.append(len(plans))
         result.round_seconds.append(time.perf_counter() - start)
@@ -203,8 +211,12 @@ class _StateBudget:
         self.positions = calib.identity.num_positions
         self.over = False  # logged once
 
+    def held_bytes(self, held: dict[Any, PrefixStates]) -> int:
+        """Memory of the distinct state tensors of some bases."""
+        return len({id(t) for s in held.values() for t in s.states}) * self.per_state
+
     def derive(self, plans: dict[Any, PruningPlan], held: dict[Any, PrefixStates],
-               parent_of: Callable[[Any], Any]) -> dict[Any, PrefixStates]:
+               parent_of: Callable[[Any], Any], restarts: RestartStates | None = None) -> dict[Any, PrefixStates]:
         """States for ``plans`` (by key), each derived from ``held[parent_of(key)]`` where held; {} when the
         old and new states together would pass the budget (the scorer then recomputes prefixes)."""
         if self.limit <= 0:
@@ -221,7 +233,8 @@ class _StateBudget:
                          self.limit / 2 ** 30)
             self.over = True
             return {}
-        return {key: self.calib.prefix_states(plan, held.get(parent_of(key)), max_tokens=self.max_tokens)
+        return {key: self.calib.prefix_states(plan, held.get(parent_of(key)), max_tokens=self.max_tokens,
+                                              restarts=restarts)
                 for key, plan in plans.items()}
 
 

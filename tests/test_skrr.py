@@ -1,5 +1,6 @@
 """Skrr: Skip phase = Alg. 1 (beam search), Re-use phase = Alg. 2, the fast path changes nothing (SPEC §2-§3)."""
 import importlib.util
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -9,9 +10,10 @@ import torch
 from diffusers.models.embeddings import PixArtAlphaTextProjection
 
 from skrr import PruningPlan, Slot, apply_plan, count_params
-from skrr.calib import DEFAULT_PROMPTS, CalibrationSet, load_prompts
+from skrr.calib import (DEFAULT_PROMPTS, CalibrationSet, RestartStates, ScoreStats, load_prompts, plan_keys,
+                        restart_position)
 from skrr.interface import SparsityError
-from skrr.method import Skrr, reuse_phase, skip_phase
+from skrr.method import Beam, Skrr, expand, reuse_phase, skip_phase
 from skrr.plan import part_of
 from skrr.surgery import units
 from skrr.tiny import tiny_bert, tiny_t5, tiny_t5_tokenizer
@@ -199,15 +201,56 @@ def test_prefix_cache_gives_the_same_plans(tokenizer, kw, gib):
 def test_beam_states_save_work_and_fall_back_beyond_their_budget(tokenizer, caplog):
     calib = make_calib(tokenizer, tiny_t5(num_layers=6, seed=6), num_prompts=4)
     work, plans = {}, {}
-    for gib in (4.0, 0.0, calib.state_bytes() / 2 ** 30):  # the last fits one hidden state, not a beam's
+    small = calib.state_bytes() / 2 ** 30  # fits one hidden state, not a beam's: only a few candidate states
+    for gib in (4.0, 0.0, small):
         calib.stats = type(calib.stats)()
-        with caplog.at_level(logging.INFO, logger="skrr.method"):
+        with caplog.at_level(logging.INFO, logger="skrr"):
             plans[gib] = skrr(state_cache_gib=gib).search(calib, 0.4)
         work[gib] = calib.stats.token_evals
-    assert plans[4.0] == plans[0.0] == plans[calib.state_bytes() / 2 ** 30]
+    assert plans[4.0] == plans[0.0] == plans[small]
     assert work[4.0] < 0.8 * work[0.0]  # each beam's trunk is not recomputed every round
-    assert work[calib.state_bytes() / 2 ** 30] == work[0.0]
+    assert work[4.0] < work[small] < work[0.0]
     assert "would pass state_cache_gib" in caplog.text
+    assert "kept candidate states reached their budget" in caplog.text
+
+
+def test_restart_position():
+    beam = [1, 2, None, 4, 5]  # slot keys: the beam skips position 2
+    assert restart_position([1, None, 3, 4, 5], beam) == 2  # the beam with 1 skipped agrees with it on [0, 2)
+    assert restart_position([None, 2, 3, 4, None], beam) == 2
+    assert restart_position([1, 2, 3, None, 5], beam) is None  # it runs 2 where the beam skips it
+    assert restart_position(beam, beam) is None
+    assert restart_position([1, 2, None, None, 5], beam) is None  # one difference: the next-round candidate
+
+
+def test_next_round_restarts_from_kept_candidate_states_exactly(tokenizer):
+    """Round 2 of the beam search with the states kept in round 1: same D as full forwards, less work; the new
+    beams' states are assembled from what was kept while they were scored."""
+    calib = make_calib(tokenizer, tiny_t5(num_layers=4, seed=7), num_prompts=6)
+    sig, n = calib.runner.signature, calib.identity.num_positions
+    plan = lambda order: PruningPlan.from_skips(sig, order, "unit", "skrr")  # noqa: E731
+    kept = RestartStates(2 ** 30)
+    root = calib.prefix_states(calib.identity)
+    first = expand([Beam((), 0.0)], n)
+    scores = calib.discrepancies([plan(o) for o in first], keep=3, bases=[root], restarts=kept)
+    beams = sorted((d, o) for d, o in zip(scores, first) if d is not None)[:3]
+    kept.advance([plan_keys(plan(o)) for _, o in beams])
+    assert kept.previous and kept.bytes > 0
+    second = [plan(o) for o in expand([Beam(o, d) for d, o in beams], n)]
+    order = list(calib._prompt_error)
+    out, work, bases = {}, {}, {}
+    for restarts in (None, kept):
+        calib.stats, calib._prompt_error = ScoreStats(), list(order)
+        bases[restarts is None] = [calib.prefix_states(plan(o), root, restarts=restarts) for _, o in beams]
+        work["beams", restarts is None] = calib.stats.token_evals
+        out[restarts is None] = calib.discrepancies(second, bases=bases[restarts is None], restarts=restarts)
+        work[restarts is None] = calib.stats.token_evals - work["beams", restarts is None]
+    assert work["beams", False] * (len(calib.prompts) + 1) == work["beams", True]  # only ∅ ran
+    assert work[False] < 0.8 * work[True]
+    for a, b in zip(bases[False], bases[True]):
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.states, b.states))
+    assert out[False] == pytest.approx(out[True], rel=1e-6)
+    assert out[False] == pytest.approx([calib.discrepancy(p) for p in second], rel=1e-6)
 
 
 def test_search_is_deterministic_and_serves_every_sparsity(tokenizer):
@@ -394,3 +437,20 @@ def test_bench_paper_scale_path_runs_on_small_shapes(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "round 2:" in out and "estimated 1k prompts" in out and "kept across rounds" in out
     assert "rounds 1-2:" in out and "token-evaluations" in out and "scoring peak" in out
+
+
+@pytest.mark.parametrize("seed,size", [(0, 2), (2, 3)])  # (2, 3): one of the 3 lowest is not among the race's
+def test_a_beam_race_keeps_the_k_lowest_and_their_exact_scores(tokenizer, seed, size):  # 6 best on ∅
+    """discrepancies(keep=k): whatever the schedule (∅ race, plans finished early to tighten the bound), the k
+    lowest D are returned, each exactly as discrepancy() computes it, and only provably worse plans are None."""
+    calib = make_calib(tokenizer, tiny_t5(num_layers=6, seed=seed), num_prompts=8)
+    n = calib.identity.num_positions
+    plans = [PruningPlan.from_skips(calib.identity.encoder, c) for c in itertools.combinations(range(n), size)]
+    full = [calib.discrepancy(p) for p in plans]
+    got = calib.discrepancies(plans, keep=3)
+    lowest = sorted(range(len(plans)), key=lambda i: full[i])[:3]
+    assert all(got[i] is not None for i in lowest)
+    kept = [i for i, d in enumerate(got) if d is not None]
+    assert [got[i] for i in kept] == pytest.approx([full[i] for i in kept], rel=1e-6)
+    assert all(full[i] > full[lowest[-1]] for i, d in enumerate(got) if d is None)
+    assert len(kept) < len(plans) // 2  # the race did drop plans

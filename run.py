@@ -195,6 +195,9 @@ def config_that_matters(cfg: DictConfig) -> dict[str, Any]:
         keep["quantize"] = cfg.quantize
     if cfg.get("drop_text_encoder"):  # likewise
         keep["drop_text_encoder"] = True
+    encoders = {k: v for k, v in (cfg.get("encoders") or {}).items() if v is not None}
+    if encoders:  # likewise: SD3 cells that prune its CLIPs too, and how those are scored
+        keep["encoders"], keep["sd3_clip"] = encoders, cfg.sd3_clip
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
@@ -283,6 +286,7 @@ def run_cell(cfg: DictConfig) -> Path:
     if drop and (method != "dense" or quantize != "none"):
         raise stages.InputError("drop_text_encoder=true runs SD3 without its T5, leaving nothing to prune or "
                                 "quantize; use method=dense sparsity=0 quantize=none")
+    stages.extra_encoders(cfg, spec, method)  # encoders=: one line before anything is written
     results = Path(cfg.paths.results)
     cell = Cell(spec.name, method, sparsity, int(cfg.seed), cell_tag(cfg.tag, drop), quantize)
     store = CellStore(results, cell, config_that_matters(cfg), cfg.experiment)
@@ -291,10 +295,10 @@ def run_cell(cfg: DictConfig) -> Path:
     log.info("cell %s -> %s", cell.label(), store.dir)
     try:
         with stages.tracker_for(cfg, store) as tracker:
-            plan = stages.search(cfg, store, method, pruner, spec, device, tracker)
+            plan, extra_plans = stages.search(cfg, store, method, pruner, spec, device, tracker)
             pipe = stages.LazyPipeline(spec, plan, device, call=stages.denoiser_call(cfg),
                                        report_path=store.dir / "denoiser.json", quantize=quantize,
-                                       drop_text_encoder=drop)
+                                       drop_text_encoder=drop, extras=extra_plans)
             if "generate" in cfg.stages:
                 stages.generate(cfg, store, pipe, tracker)
             if "score" in cfg.stages:
@@ -303,7 +307,8 @@ def run_cell(cfg: DictConfig) -> Path:
         store.discard_unfinished()
         CellStore(results, Cell(spec.name, "dense", 0.0, cell.seed), {}).discard_unfinished()  # dense_images'
         raise
-    print(f"done: {cell.label()}  {plan.summary()}\n  results: {store.dir}")
+    also = "".join(f"\n  {name}: {p.summary()}" for name, p in extra_plans.items())
+    print(f"done: {cell.label()}  {plan.summary()}{also}\n  results: {store.dir}")
     return store.dir
 
 

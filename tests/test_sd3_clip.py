@@ -1,0 +1,145 @@
+"""SD3's CLIP-L and CLIP-G are scored on what SD3's denoiser receives from them (issue 14 part 1, Table A12).
+
+The calibration set of a CLIP (``SD3ClipReadout``, skrr/readout.py) must give the features of a real
+StableDiffusion3Pipeline call: the context embedder's output on the 77 CLIP rows (hidden_states[-2] of both
+CLIPs concatenated, padded to T5's width) and the pooled projection of ``time_text_embed``, dense and pruned;
+the fast scoring must agree with full forwards; and a plan that changes only the pooled path must cost D.
+"""
+import math
+
+import pytest
+import torch
+
+from skrr.calib import CalibrationSet
+from skrr.method import Skrr, skip_phase
+from skrr.pipelines import PipelineSpec, build_tiny_sd3_pipeline, load_pipeline, load_text_encoder, sd3_clip_readout
+from skrr.readout import pack
+from skrr.surgery import apply_plan, identity_plan
+
+from test_encoding import PROMPTS
+
+SPEC = PipelineSpec("tiny_sd3", "tiny_sd3", dtype="float32", max_sequence_length=32)
+
+
+def calibration(which, prompts=PROMPTS, **kw):
+    encoder, tokenizer = load_text_encoder(SPEC, "cpu", which)
+    readout = sd3_clip_readout(SPEC, which, prompts, encoder=encoder, **{k: v for k, v in kw.items()
+                                                                         if k in ("pooled_weight", "clip_last_block")})
+    from skrr.readout import sd3_clip_encoding
+
+    return CalibrationSet(encoder, tokenizer, prompts, None, encoding=sd3_clip_encoding(tokenizer), readout=readout,
+                          batch_size=3)
+
+
+def pipeline_inputs(pipe, prompts):
+    """(context embedder output on the CLIP rows, pooled projection output) of a real SD3 call, no CFG."""
+    seen = {}
+    t = pipe.transformer
+    hooks = [t.context_embedder.register_forward_hook(lambda m, a, o: seen.setdefault("ctx", o.detach().clone())),
+             t.time_text_embed.text_embedder.register_forward_hook(
+                 lambda m, a, o: seen.setdefault("pooled", o.detach().clone()))]
+    try:
+        pipe(prompt=prompts, height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(0), output_type="latent", max_sequence_length=32)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["ctx"][:, :77], seen["pooled"]
+
+
+def unpack(features, ctx_width=16):
+    """Undo ``pack`` with pooled_weight 1 (tiny SD3: context and pooled widths are both 16)."""
+    n, rows, w = features.shape
+    elements = rows * w
+    ctx = features[:, :77] / math.sqrt(elements / (77 * w))
+    pooled = features[:, 77:].reshape(n, -1)[:, :ctx_width] / math.sqrt(elements / ctx_width)
+    return ctx, pooled
+
+
+def skip_last_block_plan(encoder):
+    """The last block's two units skipped: hidden_states[-2] is unchanged, only the pooled output moves."""
+    plan = identity_plan(encoder)
+    n = plan.num_positions
+    return plan.with_slots({n - 2: None, n - 1: None})
+
+
+@pytest.mark.parametrize("which", ["clip_l", "clip_g"])
+def test_features_equal_what_the_sd3_denoiser_receives(which):
+    calib = calibration(which)
+    pipe = build_tiny_sd3_pipeline(0)
+    ctx, pooled = pipeline_inputs(pipe, PROMPTS)
+    got_ctx, got_pooled = unpack(torch.cat(calib.dense))
+    torch.testing.assert_close(got_ctx, ctx, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_pooled, pooled, rtol=0, atol=1e-6)
+    # Pruned: the plan's encoder inside the real pipeline (middle block's FFN skipped, last block whole skipped).
+    plan = skip_last_block_plan(calib.encoder).with_slots({3: None})
+    component = "text_encoder" if which == "clip_l" else "text_encoder_2"
+    setattr(pipe, component, apply_plan(getattr(pipe, component), plan))
+    ctx, pooled = pipeline_inputs(pipe, PROMPTS)
+    got_ctx, got_pooled = unpack(torch.cat(calib.encode(plan)))
+    torch.testing.assert_close(got_ctx, ctx, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_pooled, pooled, rtol=0, atol=1e-6)
+
+
+def test_pooled_path_is_scored():
+    calib = calibration("clip_l")
+    plan = skip_last_block_plan(calib.encoder)
+    d = calib.discrepancy(plan)
+    assert d > 0  # the context rows do not change: all of D comes from the pooled projection
+    ctx, pooled = unpack(torch.cat(calib.encode(plan)))
+    dense_ctx, dense_pooled = unpack(torch.cat(calib.dense))
+    assert torch.equal(ctx, dense_ctx)
+    heavier = calibration("clip_l", pooled_weight=3.0)
+    assert heavier.discrepancy(plan) == pytest.approx(3 * d, rel=1e-5)
+
+
+def test_pack_weights_the_two_terms():
+    g = torch.Generator().manual_seed(0)
+    ctx, ctx2 = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    pooled, pooled2 = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    packed = (pack(ctx, pooled, 0.5) - pack(ctx2, pooled2, 0.5)).pow(2).mean()
+    want = (ctx - ctx2).pow(2).mean() + 0.5 * (pooled - pooled2).pow(2).mean()
+    assert packed.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["clip_l", "clip_g"])
+def test_fast_scoring_equals_full_forwards(which):
+    calib = calibration(which)
+    n = calib.identity.num_positions
+    plans = [identity_plan(calib.encoder).with_slots({u: None}) for u in range(n)]
+    plans.append(skip_last_block_plan(calib.encoder))
+    fast = calib.discrepancies(plans)
+    slow = [calib.discrepancy(p) for p in plans]
+    assert fast == pytest.approx(slow, rel=1e-5, abs=1e-12)  # BLAS rounds stacked rows differently
+    # From stored beam states (the Skip phase's bases): still exact, also for plans that skip after the tap.
+    base = calib.prefix_states(plans[0])
+    two = [p.with_slots({0: None}) for p in plans[1:]]
+    assert calib.discrepancies(two, bases=[base]) == pytest.approx([calib.discrepancy(p) for p in two], rel=1e-5)
+
+
+def test_skrr_search_is_identical_with_and_without_the_prefix_cache():
+    calib = calibration("clip_g")
+    fast = Skrr(beam_width=2, prefix_cache=True, progress=False).search_many(calib, [0.004])[0.004]
+    slow = Skrr(beam_width=2, prefix_cache=False, progress=False).search_many(calib, [0.004])[0.004]
+    assert fast == slow
+
+
+def test_last_block_can_be_protected():
+    calib = calibration("clip_l", clip_last_block=False)
+    n = calib.identity.num_positions
+    assert calib.protected == (n - 2, n - 1)
+    # Every round the search may run: the path takes every other unit, never the last block's.
+    path = skip_phase(calib, beam_width=2, max_rounds=n, progress=False).order
+    assert sorted(path) == list(range(n - 2))
+    assert calibration("clip_l").protected == ()
+
+
+def test_readout_refuses_other_metrics():
+    encoder, tokenizer = load_text_encoder(SPEC, "cpu", "clip_l")
+    readout = sd3_clip_readout(SPEC, "clip_l", PROMPTS, encoder=encoder)
+    with pytest.raises(ValueError, match="metric=mse"):
+        CalibrationSet(encoder, tokenizer, PROMPTS, None, readout=readout, metric="cosine")
+    with pytest.raises(ValueError, match="one per calibration prompt"):
+        from skrr.readout import sd3_clip_encoding
+
+        CalibrationSet(encoder, tokenizer, PROMPTS[:2], None, readout=readout, encoding=sd3_clip_encoding(tokenizer))

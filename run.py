@@ -108,6 +108,12 @@ def check_before_hydra(argv: list[str]) -> str | None:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig) and leaf in node:
+            given = o.value()
+            if isinstance(given, dict) and isinstance(node[leaf], DictConfig):  # encoders={clip_x: 0.3}
+                extra = sorted(set(map(str, given)) - set(map(str, node[leaf])))
+                if extra:
+                    return (f"unknown config key '{key}.{extra[0]}' ({o.input_line}); {key} has: "
+                            f"{', '.join(map(str, node[leaf]))}")
             continue
         if parent == "method":
             choice = node.get("name", "?")

@@ -195,7 +195,7 @@ def test_paper_numbers_are_transcribed_exactly() -> None:
     assert paper_grid("reuse") == [[41.9, 0.311, 0.745, 0.438], [41.9, 0.312, 0.746, 0.442]]   # Table A11
     assert paper_grid("projection") == [[41.9, 0.381], [41.9, 0.442]]                           # Table A13
     assert paper_grid("sd3") == [[0.0, 0.689], [41.9, 0.611], [41.9, 0.579]]                     # Table A12
-    assert [r.supported for r in load_table("sd3", CONFIG_DIR).rows] == [True, True, False, True]
+    assert [r.supported for r in load_table("sd3", CONFIG_DIR).rows] == [True, True, True, True]
 
 
 def test_tables_and_sweeps_name_real_files() -> None:

@@ -5,6 +5,7 @@ StableDiffusion3Pipeline call: the context embedder's output on the 77 CLIP rows
 CLIPs concatenated, padded to T5's width) and the pooled projection of ``time_text_embed``, dense and pruned;
 the fast scoring must agree with full forwards; and a plan that changes only the pooled path must cost D.
 """
+import json
 import math
 
 import pytest
@@ -143,3 +144,52 @@ def test_readout_refuses_other_metrics():
         from skrr.readout import sd3_clip_encoding
 
         CalibrationSet(encoder, tokenizer, PROMPTS[:2], None, readout=readout, encoding=sd3_clip_encoding(tokenizer))
+
+
+# ------------------------------------------------------------------------------------------ run.py cells
+def run_cli(*args):
+    import run
+
+    run.cli(["logger=none", "device=cpu", "pipeline=tiny_sd3", "calib.num_calib_prompts=8", "method.progress=false",
+             *args])
+
+
+def test_a_cell_prunes_all_three_encoders_and_caches_each_search(tmp_path):
+    from skrr.plan import PruningPlan
+    from skrr.surgery import signature
+
+    results = tmp_path / "r"
+    cell = results / "runs/tiny_sd3/skrr-all_encoders/s0.419/seed0"
+    both = ["method=skrr", "sparsity=0.419", "tag=all_encoders", "sd3_clip.max_rounds=6", "eval=offline",
+            "~eval.fid", "~eval.dreamsim", "~eval.clip", "encoders={clip_l: 0.306, clip_g: 0.303}"]
+    run_cli(f"paths.results={results}", *both)
+    cost = json.loads((cell / "metrics/cost.json").read_text())["params"]
+    for name, component, target in (("clip_l", "text_encoder", 0.306), ("clip_g", "text_encoder_2", 0.303)):
+        encoder, _ = load_text_encoder(SPEC, "cpu", name)
+        plan = PruningPlan.from_json(cell / f"plan_{name}.json").validate(signature(encoder))
+        assert plan.meta["realized_sparsity"] >= target
+        assert plan.meta["calib"]["readout"] == f"sd3_{name}"  # scored on SD3's denoiser-side features
+        # What generation ran: the pruned CLIP's parameters.
+        assert cost[component] == sum(p.numel() for p in apply_plan(encoder, plan).parameters())
+    t5_plan = PruningPlan.from_json(cell / "plan.json")
+    assert t5_plan.meta["target_sparsity"] == pytest.approx(0.419)
+    searched = sorted(p.parent.name for p in (results / "plans").rglob("skrr-*.json"))
+    assert searched == ["skrr--tiny-clip-g", "skrr--tiny-clip-l", "skrr--tiny-t5"]
+    # A T5-only cell of the same sweep takes the cached T5 search (no new record) and keeps its own folder.
+    run_cli(f"paths.results={results}", "method=skrr", "sparsity=0.419", "stages=[search]")
+    assert len(list((results / "plans").rglob("skrr-*.json"))) == 3
+    assert json.loads((results / "runs/tiny_sd3/skrr/s0.419/seed0/plan.json").read_text()) == json.loads(
+        (cell / "plan.json").read_text())
+    assert not list((results / "runs/tiny_sd3/skrr/s0.419/seed0").glob("plan_*.json"))
+
+
+def test_cells_without_encoders_keep_their_signature():
+    from hydra import compose, initialize_config_dir
+
+    import run
+
+    with initialize_config_dir(config_dir=str(run.CONFIG_DIR), version_base="1.3"):
+        plain = compose(config_name="config", overrides=["pipeline=tiny_sd3"])
+        extra = compose(config_name="config", overrides=["pipeline=tiny_sd3", "encoders.clip_l=0.3"])
+    assert "encoders" not in run.config_that_matters(plain) and "sd3_clip" not in run.config_that_matters(plain)
+    assert run.config_that_matters(extra)["encoders"] == {"clip_l": 0.3}

@@ -111,7 +111,6 @@ def tracker_for(cfg: DictConfig, store: CellStore) -> Tracker:
 def extra_encoders(cfg: DictConfig, spec: PipelineSpec, method_name: str) -> dict[str, float]:
     """The cell's other text encoders to prune (``encoders=``, SD3's CLIP-L/G, paper Table A12): name -> target
     sparsity, checked (one line naming the key otherwise). The T5's target is always ``sparsity``."""
-    from skrr.interface import check_sparsity
     from skrr.pipelines import MAIN
 
     given = cfg.get("encoders")
@@ -131,9 +130,9 @@ def extra_encoders(cfg: DictConfig, spec: PipelineSpec, method_name: str) -> dic
         if name not in names:
             raise InputError(f"encoders.{name}: pipeline {spec.name} has no text encoder {name!r}; choose from "
                              f"{', '.join(names)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"encoders.{name} must be a sparsity in [0, 1), got {value!r}")
-        target = round(check_sparsity(value), 6)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InputError(f"encoders.{name} must be a sparsity in [0, 1) (e.g. 0.306 for 30.6 %), got {value!r}")
+        target = round(float(value), 6)
         if name == MAIN:
             if target != round(float(cfg.sparsity), 6):
                 raise InputError(f"encoders.{MAIN}={value} contradicts sparsity={cfg.sparsity} (the cell's T5 target); "

@@ -121,7 +121,8 @@ def test_ablation_sweeps() -> None:
 
 def test_demo_is_offline_and_runs_every_method() -> None:
     cells = cells_of("demo")
-    assert {c.cell.pipeline for c in cells} == {"tiny_minilm", "tiny"}
+    # Every tiny pipeline runs every stage (issue 14): PixArt-Σ (MiniLM, T5), SD3 (all three encoders), FLUX, SD2.
+    assert {c.cell.pipeline for c in cells} == {"tiny_minilm", "tiny", "tiny_sd3", "tiny_flux", "tiny_sd2"}
     minilm = {c.cell.method for c in cells if c.cell.pipeline == "tiny_minilm"}
     assert minilm == {"dense", "shortgpt", "laco", "skrr", "magnitude"}   # BERT: no sub-block FinerCut
     assert {c.cell.method for c in cells if c.cell.pipeline == "tiny"} == {"skrr", "finercut"}  # sub-blocks on T5

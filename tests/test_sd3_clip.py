@@ -154,7 +154,7 @@ def run_cli(*args):
              *args])
 
 
-def test_a_cell_prunes_all_three_encoders_and_caches_each_search(tmp_path):
+def test_a_cell_prunes_all_three_encoders_and_caches_each_search(tmp_path, capsys):
     from skrr.plan import PruningPlan
     from skrr.surgery import signature
 
@@ -181,6 +181,14 @@ def test_a_cell_prunes_all_three_encoders_and_caches_each_search(tmp_path):
     assert json.loads((results / "runs/tiny_sd3/skrr/s0.419/seed0/plan.json").read_text()) == json.loads(
         (cell / "plan.json").read_text())
     assert not list((results / "runs/tiny_sd3/skrr/s0.419/seed0").glob("plan_*.json"))
+    # Each pruned CLIP ships like the T5: exported from the cell, it is SD3's text_encoder / text_encoder_2.
+    from test_export import run_script
+
+    code, out, err = run_script(["--cell", cell, "--encoder", "clip_l", "--out", tmp_path / "clip_l"], capsys)
+    assert code == 0 and "the text_encoder/ component" in out, err
+    code, out, err = run_script(["--cell", results / "runs/tiny_sd3/skrr/s0.419/seed0", "--encoder", "clip_l",
+                                 "--out", tmp_path / "none"], capsys)
+    assert code == 2 and "has no plan_clip_l.json" in err and err.count("\n") == 1
 
 
 def test_cells_without_encoders_keep_their_signature():
@@ -193,3 +201,37 @@ def test_cells_without_encoders_keep_their_signature():
         extra = compose(config_name="config", overrides=["pipeline=tiny_sd3", "encoders.clip_l=0.3"])
     assert "encoders" not in run.config_that_matters(plain) and "sd3_clip" not in run.config_that_matters(plain)
     assert run.config_that_matters(extra)["encoders"] == {"clip_l": 0.3}
+
+
+def test_real_sd3_folder_loads_the_clip_parts_and_exports_a_clip_plan(tmp_path, capsys):
+    """The loading code a user with SD3's weights runs (a diffusers folder: CLIPTextModelWithProjection subfolders,
+    only the context embedder's and pooled projection's tensors read from the transformer checkpoint), here on
+    the tiny pipeline saved as such a folder."""
+    from skrr.export import load_pruned
+    from skrr.pipelines import load_pruned_text_encoder
+    from test_export import run_script
+
+    folder = tmp_path / "sd3"
+    build_tiny_sd3_pipeline(0).save_pretrained(folder)
+    real = PipelineSpec("sd3", "sd3", model_id=str(folder), dtype="float32", max_sequence_length=32)
+    encoder, tokenizer = load_text_encoder(real, "cpu", "clip_g")
+    readout = sd3_clip_readout(real, "clip_g", PROMPTS, encoder=encoder)
+    from skrr.readout import sd3_clip_encoding
+
+    on_disk = CalibrationSet(encoder, tokenizer, PROMPTS, None, encoding=sd3_clip_encoding(tokenizer),
+                             readout=readout, batch_size=3)
+    torch.testing.assert_close(torch.cat(on_disk.dense), torch.cat(calibration("clip_g").dense), rtol=0, atol=1e-6)
+    # Lean load of a pruned CLIP-G (kept tensors only) = apply_plan on the dense one; export and reload it.
+    plan = skip_last_block_plan(encoder).with_slots({1: None})
+    lean, _ = load_pruned_text_encoder(real, plan, "cpu", "clip_g")
+    ids = on_disk.batches[0].input_ids
+    want = apply_plan(encoder, plan)(ids, output_hidden_states=True)
+    got = lean(ids, output_hidden_states=True)
+    torch.testing.assert_close(got.hidden_states[-2], want.hidden_states[-2], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    plan.to_json(tmp_path / "plan.json")
+    code, out, err = run_script(["--plan", tmp_path / "plan.json", "--model-id", folder, "--kind", "sd3",
+                                 "--encoder", "clip_g", "--out", tmp_path / "enc"], capsys)
+    assert code == 0, err
+    assert "text_encoder_2/ component" in out
+    torch.testing.assert_close(load_pruned(tmp_path / "enc")(ids)[0], want[0], rtol=0, atol=0)

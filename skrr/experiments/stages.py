@@ -171,7 +171,7 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
         plan = store.load_plan()
         extras = {name: store.load_plan(name) for name in extra_targets}
         log.info("search: done before -> %s", plan.summary())
-        tracker.log_plan(plan)  # another experiment may mirror this cell under its own W&B group
+        _log_plans(tracker, plan, extras)  # another experiment may mirror this cell under its own W&B group
         return plan, extras
     if cfg.plan_file:
         encoder, _ = load_text_encoder(spec, device)
@@ -197,11 +197,17 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
         info["encoders"] = {name: {"summary": p.summary(), "realized_sparsity": p.meta.get("realized_sparsity")}
                             for name, p in extras.items()}
     store.mark_done("search", info)
-    tracker.log_plan(plan)
+    _log_plans(tracker, plan, extras)
     log.info("search: %s", plan.summary())
     for name, found in extras.items():
         log.info("search: %s: %s", name, found.summary())
     return plan, extras
+
+
+def _log_plans(tracker: Tracker, plan: PruningPlan, extras: dict[str, PruningPlan]) -> None:
+    tracker.log_plan(plan)
+    for name, found in extras.items():
+        tracker.log_plan(found, f"plan_{name}")
 
 
 def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device,

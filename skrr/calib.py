@@ -23,7 +23,10 @@ plans at once with the same arithmetic and far less work (Skrr's search, SPEC §
 
 Prompts are tokenized and encoded as the pipeline's own ``encode_prompt`` does (``PromptEncoding``,
 skrr/encoding.py): same text cleaning, padding, truncation and encoder mask, so D is measured on the features
-the denoiser receives.
+the denoiser receives. Where those are more than the projected ``last_hidden_state`` (SD3's CLIP-L/G: the input
+state of the last block and the pooled output, skrr/readout.py), a ``readout`` makes them from the final state
+and the state at its ``tap`` position; every plan then starts at the tap at the latest, so that state is in the
+tree.
 
 Hidden states across calls (``PrefixStates``): a plan's hidden state at the input of every position, for
 every prompt and ∅. A plan that agrees with such a base on positions [0, p) starts at p from the stored state

@@ -108,6 +108,12 @@ def check_before_hydra(argv: list[str]) -> str | None:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig) and leaf in node:
+            given = o.value()
+            if isinstance(given, dict) and isinstance(node[leaf], DictConfig):  # encoders={clip_x: 0.3}
+                extra = sorted(set(map(str, given)) - set(map(str, node[leaf])))
+                if extra:
+                    return (f"unknown config key '{key}.{extra[0]}' ({o.input_line}); {key} has: "
+                            f"{', '.join(map(str, node[leaf]))}")
             continue
         if parent == "method":
             choice = node.get("name", "?")
@@ -195,6 +201,9 @@ def config_that_matters(cfg: DictConfig) -> dict[str, Any]:
         keep["quantize"] = cfg.quantize
     if cfg.get("drop_text_encoder"):  # likewise
         keep["drop_text_encoder"] = True
+    encoders = {k: v for k, v in (cfg.get("encoders") or {}).items() if v is not None}
+    if encoders:  # likewise: SD3 cells that prune its CLIPs too, and how those are scored
+        keep["encoders"], keep["sd3_clip"] = encoders, cfg.sd3_clip
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
@@ -283,6 +292,7 @@ def run_cell(cfg: DictConfig) -> Path:
     if drop and (method != "dense" or quantize != "none"):
         raise stages.InputError("drop_text_encoder=true runs SD3 without its T5, leaving nothing to prune or "
                                 "quantize; use method=dense sparsity=0 quantize=none")
+    stages.extra_encoders(cfg, spec, method)  # encoders=: one line before anything is written
     results = Path(cfg.paths.results)
     cell = Cell(spec.name, method, sparsity, int(cfg.seed), cell_tag(cfg.tag, drop), quantize)
     store = CellStore(results, cell, config_that_matters(cfg), cfg.experiment)
@@ -291,10 +301,10 @@ def run_cell(cfg: DictConfig) -> Path:
     log.info("cell %s -> %s", cell.label(), store.dir)
     try:
         with stages.tracker_for(cfg, store) as tracker:
-            plan = stages.search(cfg, store, method, pruner, spec, device, tracker)
+            plan, extra_plans = stages.search(cfg, store, method, pruner, spec, device, tracker)
             pipe = stages.LazyPipeline(spec, plan, device, call=stages.denoiser_call(cfg),
                                        report_path=store.dir / "denoiser.json", quantize=quantize,
-                                       drop_text_encoder=drop)
+                                       drop_text_encoder=drop, extras=extra_plans)
             if "generate" in cfg.stages:
                 stages.generate(cfg, store, pipe, tracker)
             if "score" in cfg.stages:
@@ -303,7 +313,8 @@ def run_cell(cfg: DictConfig) -> Path:
         store.discard_unfinished()
         CellStore(results, Cell(spec.name, "dense", 0.0, cell.seed), {}).discard_unfinished()  # dense_images'
         raise
-    print(f"done: {cell.label()}  {plan.summary()}\n  results: {store.dir}")
+    also = "".join(f"\n  {name}: {p.summary()}" for name, p in extra_plans.items())
+    print(f"done: {cell.label()}  {plan.summary()}{also}\n  results: {store.dir}")
     return store.dir
 
 

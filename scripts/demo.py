@@ -3,7 +3,7 @@
     python scripts/demo.py [results=results/demo]
 
 Runs `run.py -m experiment=demo` (tiny PixArt-Σ with the real all-MiniLM-L6-v2 encoder, plus sub-block
-methods on a tiny random T5), then `scripts/make_table.py table=demo`, and prints where everything is. It ends
+methods on a tiny random T5 and a cell each on the tiny SD3, FLUX and SD2 pipelines), then `scripts/make_table.py table=demo`, and prints where everything is. It ends
 with what shipping the encoder gives on the real MiniLM bytes: the Skrr 23.5 % cell exported (kept weights
 only) and loaded back, alone and with int8 weights (skrr/quantize.py), against the dense encoder.
 A rerun skips every finished stage. Numbers use offline stand-in backbones: relative comparisons only.
@@ -24,7 +24,10 @@ def main(argv: list[str]) -> int:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            **os.environ}
     start = time.time()
-    print(f"skrr demo: searching, generating and scoring 15 cells offline on CPU -> {results}", flush=True)
+    from omegaconf import OmegaConf
+
+    cells = len(OmegaConf.load(ROOT / "configs" / "experiment" / "demo.yaml").sweep.cells)
+    print(f"skrr demo: searching, generating and scoring {cells} cells offline on CPU -> {results}", flush=True)
     sweep = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "experiment=demo",
                             f"paths.results={results}", "hydra.verbose=false"], cwd=ROOT, env=env)
     if sweep.returncode != 0:

@@ -27,7 +27,10 @@ plans at once with the same arithmetic and far less work (Skrr's search, SPEC §
 
 Prompts are tokenized and encoded as the pipeline's own ``encode_prompt`` does (``PromptEncoding``,
 skrr/encoding.py): same text cleaning, padding, truncation and encoder mask, so D is measured on the features
-the denoiser receives.
+the denoiser receives. Where those are more than the projected ``last_hidden_state`` (SD3's CLIP-L/G: the input
+state of the last block and the pooled output, skrr/readout.py), a ``readout`` makes them from the final state
+and the state at its ``tap`` position; every plan then starts at the tap at the latest, so that state is in the
+tree.
 
 Hidden states across calls (``PrefixStates``): a plan's hidden state at the input of every position, for
 every prompt and ∅. A plan that agrees with such a base on positions [0, p) starts at p from the stored state
@@ -189,6 +192,10 @@ class _Schedule:
     inits: list[tuple[int, ...] | None]
     steps: list[_Step]
     leaves: list[int]
+    # With a readout that reads a state inside the stack (SD3's CLIP: the input of the last block): the step
+    # before which that state is complete, and each plan's row there.
+    tap_step: int | None = None
+    tap_nodes: list[int] | None = None
     # Restart states to capture: before step j (j = len(steps): at the end), the node at row ``node``.
     grabs: dict[int, list[tuple[int, "_Restart"]]] = field(default_factory=dict)
 
@@ -250,11 +257,13 @@ class RestartStates:
         self.bytes = 0
         self.full = False  # logged once
 
-    def lookups(self, keys: Sequence[Any], after: int) -> list[tuple[int, "_Restart"]]:
-        """Kept states a plan (by slot keys) may restart from past position ``after``, latest position first."""
+    def lookups(self, keys: Sequence[Any], after: int, upto: int | None = None) -> list[tuple[int, "_Restart"]]:
+        """Kept states a plan (by slot keys) may restart from past position ``after`` (and not past ``upto``:
+        a readout's tap), latest position first."""
         out = []
         for p in sorted({len(k) for k in self.previous}, reverse=True):
-            if p > after and (entry := self.previous.get(tuple(keys[:p]))) is not None:
+            if after < p <= (len(keys) if upto is None else upto) and \
+                    (entry := self.previous.get(tuple(keys[:p]))) is not None:
                 out.append((p, entry))
         return out
 
@@ -347,7 +356,8 @@ class CalibrationSet:
                  projection: nn.Module | None = None, *, encoding: PromptEncoding | None = None,
                  max_length: int | None = None, metric: str = "mse", use_projection: bool = True,
                  null_prompt: bool = True, token_mask: bool = False, batch_size: int = 16,
-                 granularity: str | None = None, device: str | torch.device = "cpu"):
+                 granularity: str | None = None, device: str | torch.device = "cpu",
+                 readout: nn.Module | None = None):
         # How the pipeline runs its encoder (PipelineSpec.encoding); without one, the encoder on its own with
         # its mask, padded to max_length.
         if encoding is None:
@@ -357,8 +367,11 @@ class CalibrationSet:
                              f"give one of them")
         if metric not in METRICS:
             raise ValueError(f"calib.metric must be one of {METRICS}, got {metric!r}")
-        if use_projection and projection is None:
+        if use_projection and projection is None and readout is None:
             raise ValueError("use_projection=True needs the denoiser's caption projection (SPEC §2)")
+        if readout is not None and (metric != "mse" or token_mask):
+            raise ValueError("SD3's CLIP features (context rows + pooled projection) are scored with calib.metric=mse "
+                             "and calib.token_mask=false only; set those")
         self.encoder = encoder.eval()
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
@@ -375,14 +388,18 @@ class CalibrationSet:
         self.dtype = next(encoder.parameters()).dtype
         self.projection = projection.to(self.device, self.dtype).eval() if (use_projection and projection) else None
         self.runner = StackRunner(encoder, granularity or default_granularity(encoder))
+        # What the denoiser receives when it is more than the projected last_hidden_state (SD3's CLIP:
+        # skrr/readout.py): it also reads the input state of position ``_tap``.
+        self.readout = readout.to(self.device).eval() if readout is not None else None
+        self._tap = readout.tap(self.runner.granularity) if readout is not None else None
+        if readout is not None and readout.other_hidden.shape[0] != len(self.prompts) + 1:
+            raise ValueError(f"the readout holds {readout.other_hidden.shape[0]} rows; it needs one per calibration "
+                             f"prompt ({len(self.prompts)}) and one for ∅")
         self.batches = [self._tokenize(self.prompts[i:i + batch_size])
                         for i in range(0, len(self.prompts), batch_size)]
         self.null_batch = self._tokenize([""]) if null_prompt else None
-        self.dense = [self.features(self.runner.forward(self.identity, b.input_ids, b.encoder_mask))
-                      for b in self.batches]
-        self.dense_null = (self.features(self.runner.forward(self.identity, self.null_batch.input_ids,
-                                                             self.null_batch.encoder_mask))
-                           if null_prompt else None)
+        self.dense = self.encode(self.identity)
+        self.dense_null = self._forward_features(self.identity, self.null_batch, [-1]) if null_prompt else None
         # Every prompt in order, then ∅: the rows of a PrefixStates.
         every = self.batches + ([self.null_batch] if null_prompt else [])
         self._row_ids = torch.cat([b.input_ids for b in every])
@@ -416,16 +433,44 @@ class CalibrationSet:
 
     def settings(self) -> dict[str, Any]:
         """What changes the discrepancy (part of the plan cache key)."""
-        return {"prompt_hash": self.hash, "num_prompts": len(self.prompts), "max_length": self.max_length,
-                "encoding": self.encoding.describe(),
-                "metric": self.metric, "use_projection": self.use_projection, "null_prompt": self.null_prompt,
-                "token_mask": self.token_mask, "dtype": str(self.dtype).replace("torch.", "")}
+        out = {"prompt_hash": self.hash, "num_prompts": len(self.prompts), "max_length": self.max_length,
+               "encoding": self.encoding.describe(),
+               "metric": self.metric, "use_projection": self.use_projection, "null_prompt": self.null_prompt,
+               "token_mask": self.token_mask, "dtype": str(self.dtype).replace("torch.", "")}
+        if self.readout is not None:
+            out.update(self.readout.settings())
+        return out
+
+    @property
+    def protected(self) -> tuple[int, ...]:
+        """Positions a search must not skip (the readout's choice; none for T5)."""
+        return self.readout.protected(self.granularity) if self.readout is not None else ()
 
     # ----------------------------------------------------------------- scoring
     @torch.no_grad()
-    def features(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """f = proj(E(c)) (or E(c) itself without projection)."""
+    def features(self, last_hidden_state: torch.Tensor, tap_state: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """f = proj(E(c)) (or E(c) itself without projection); with a readout (SD3's CLIP), what it makes of the
+        final state, the state at its tap, the ids and the prompt rows (-1 = ∅) of the sequences."""
+        if self.readout is not None:
+            index = torch.as_tensor(rows, device=self.device)
+            return self.readout(last_hidden_state, tap_state, input_ids, torch.where(index < 0, len(self.prompts), index))
         return self.projection(last_hidden_state) if self.projection is not None else last_hidden_state
+
+    @torch.no_grad()
+    def _forward_features(self, plan: PruningPlan, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        """Features of one batch under ``plan`` by a full forward (rows: its prompt indices, [-1] for ∅)."""
+        self.runner.check(plan)
+        h, ctx = self.runner.prepare(batch.input_ids, batch.encoder_mask)
+        if self._tap is None:
+            return self.features(self.runner.finish(self.runner.run(plan, h, ctx)))
+        tap = self.runner.run(plan, h, ctx, 0, self._tap)
+        out = self.runner.run(plan, tap, ctx, self._tap)
+        return self.features(self.runner.finish(out), tap, batch.input_ids, rows)
+
+    def _batch_rows(self, b: int) -> list[int]:
+        start = b * self.batch_size
+        return list(range(start, start + self.batches[b].input_ids.shape[0]))
 
     def row_errors(self, dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Per-prompt sums of element errors (float64, shape pruned.shape[:-2]) and elements per dense set.
@@ -488,7 +533,7 @@ class CalibrationSet:
     @torch.no_grad()
     def encode(self, plan: PruningPlan) -> list[torch.Tensor]:
         """Features of every calibration batch under ``plan``."""
-        return [self.features(self.runner.forward(plan, b.input_ids, b.encoder_mask)) for b in self.batches]
+        return [self._forward_features(plan, b, self._batch_rows(i)) for i, b in enumerate(self.batches)]
 
     @torch.no_grad()
     def discrepancy(self, plan: PruningPlan) -> float:
@@ -499,7 +544,7 @@ class CalibrationSet:
         d = self._mean_distance(self.encode(plan), self.dense, self.batches)
         if self.null_prompt:
             self.stats.token_evals += runs * self.null_batch.input_ids.numel()
-            null = self.features(self.runner.forward(plan, self.null_batch.input_ids, self.null_batch.encoder_mask))
+            null = self._forward_features(plan, self.null_batch, [-1])
             d += self._mean_distance([null], [self.dense_null], [self.null_batch])
         return d
 
@@ -607,6 +652,8 @@ class CalibrationSet:
         for p in list(plans) + ([self.identity] if self._cut else []):
             own = plan_keys(p)
             start, base = max(((b.start(own), -i) for i, b in enumerate(bases)), default=(0, 0))
+            if self._tap is not None:  # the readout reads the state at the tap: start no later (exact, 2 units)
+                start = min(start, self._tap)
             # Positions before the start are already in the base's state: nothing runs there.
             codes.append([self._code(k) for k in own])
             inits.append((-base, start) if start else None)
@@ -614,7 +661,7 @@ class CalibrationSet:
             keys.append(own)
         code_matrix = np.array(codes, dtype=np.int64)
         # Later starts kept from the last round (per prompt: a kept state holds the prompts it was scored on).
-        later = [restarts.lookups(own, start) if restarts else [] for own, start in zip(keys, starts)]
+        later = [restarts.lookups(own, start, self._tap) if restarts else [] for own, start in zip(keys, starts)]
         grabs: dict[int, list[tuple[int, _Restart]]] = {}  # plan -> (position, entry) to capture
         null_kept: dict[tuple[Any, ...], _Restart] = {}  # the race's ∅ states, by prefix
         sums_p: list[list[float]] = [[] for _ in range(n)]
@@ -765,7 +812,8 @@ class CalibrationSet:
         width = self.dense[0].shape[-1] if self.metric == "mse" else 1
         if self.token_mask:
             return sum(int(b.attention_mask.sum()) for b in batches) * width
-        return sum(b.input_ids.numel() for b in batches) * width
+        # Feature rows per prompt: the token positions (a readout may add rows: SD3's CLIP, skrr/readout.py).
+        return sum(b.input_ids.shape[0] for b in batches) * self.dense[0].shape[1] * width
 
     def _chunks(self, size: Callable[[], int], skip: Sequence[int] = ()) -> Iterator[_Chunk]:
         """∅ first (its one term weighs as much as all prompts together), then the prompts, ``size()`` at a
@@ -809,11 +857,14 @@ class CalibrationSet:
         nodes = len(starts)
         skip = len(self._code_modules)  # sorts after every module
         steps: list[_Step] = []
+        tap_step, tap_nodes = None, None
         at: dict[int, list[tuple[int, Any]]] = {}
         for row, pos, entry in grabs:
             at.setdefault(pos, []).append((row, entry))
         taken: dict[int, list[tuple[int, Any]]] = {}
         for pos, column in enumerate(codes.T):
+            if pos == self._tap:  # every plan has started by now (discrepancies caps the starts at the tap)
+                tap_step, tap_nodes = len(steps), node.tolist()
             for row, entry in at.get(pos, ()):  # the node holds the state at the input of pos
                 taken.setdefault(len(steps), []).append((int(node[row]), entry))
             if not column.any():  # every plan skips here (or has not started yet): nothing to do
@@ -832,9 +883,11 @@ class CalibrationSet:
                     runs.append((self._code_modules[code[segment[0]]], rows))
             steps.append(_Step(runs, keep))
             nodes = len(pairs)
+        if self._tap is not None and tap_step is None:  # the tap is the stack's output (no later position)
+            tap_step, tap_nodes = len(steps), node.tolist()
         for row, entry in at.get(codes.shape[1], ()):
             taken.setdefault(len(steps), []).append((int(node[row]), entry))
-        return _Schedule(starts, steps, node.tolist(), taken)
+        return _Schedule(starts, steps, node.tolist(), tap_step, tap_nodes, taken)
 
     def _code(self, key: Any) -> int:
         if key not in self._codes:
@@ -877,8 +930,11 @@ class CalibrationSet:
             for node, entry in schedule.grabs.get(j, ()):
                 restarts.put(entry, chunk.indices, h.view(-1, prompts, *h.shape[1:])[node])
 
-        for j, step in enumerate(schedule.steps):
-            capture(j)
+        tapped = None
+        for number, step in enumerate(schedule.steps):
+            capture(number)
+            if number == schedule.tap_step:
+                tapped = h
             nodes = h.view(-1, prompts, *h.shape[1:])
             outs = []
             for module, rows in step.runs:
@@ -891,6 +947,8 @@ class CalibrationSet:
                 outs.append(_take(nodes, step.keep).flatten(0, 1))
             h = outs[0] if len(outs) == 1 else torch.cat(outs)
         capture(len(schedule.steps))
+        if schedule.tap_step is not None and tapped is None:
+            tapped = h
         nodes = h.view(-1, prompts, *h.shape[1:])
         leaves = schedule.leaves
         ref = chunk.dense
@@ -898,10 +956,18 @@ class CalibrationSet:
             ref = self.features(runner.finish(nodes[leaves[-1]]))
             leaves = leaves[:-1]
         index = torch.tensor(leaves, device=h.device)
+        taps = None
+        if tapped is not None:
+            taps = tapped.view(-1, prompts, *tapped.shape[1:])
+            tap_index = torch.tensor(schedule.tap_nodes[:len(leaves)], device=h.device)
         sums = []
         for start in range(0, len(leaves), per_call):
             x = nodes.index_select(0, index[start:start + per_call])
-            feats = self.features(runner.finish(x.flatten(0, 1)))
+            if taps is None:
+                feats = self.features(runner.finish(x.flatten(0, 1)))
+            else:
+                tap = taps.index_select(0, tap_index[start:start + per_call]).flatten(0, 1)
+                feats = self.features(runner.finish(x.flatten(0, 1)), tap, chunk.input_ids, chunk.indices)
             sums.append(self.row_errors(ref, feats.view(x.shape[0], prompts, *feats.shape[1:]),
                                         chunk.attention_mask)[0])
         return torch.cat(sums)

@@ -50,6 +50,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sd2": {"mask": False, "cleans_captions": False, "length_kwarg": False,
             "source": "diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py: "
                       "StableDiffusionPipeline.encode_prompt"},
+    # SD3's CLIP-L and CLIP-G (_get_clip_prompt_embeds): padded to the tokenizer's 77, no mask, hidden_states[-2]
+    # and the pooled text_embeds (skrr/readout.py); the call's max_sequence_length is T5's, not theirs.
+    "sd3_clip": {"mask": False, "cleans_captions": False, "length_kwarg": False,
+                 "source": "diffusers/pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py: "
+                           "StableDiffusion3Pipeline._get_clip_prompt_embeds"},
     # A text encoder on its own (no pipeline): masked, no caption cleaning. Scripts and unit tests.
     "plain": {"mask": True, "cleans_captions": False, "source": "the encoder's own forward with its mask"},
 }

@@ -138,7 +138,7 @@ def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | N
         raise ValueError(f"max_rounds must be >= 1 (or None for half the units), got {max_rounds}")
     gran = calib.granularity
     n = calib.identity.num_positions
-    rounds_cap = default_rounds(n) if max_rounds is None else min(int(max_rounds), n)
+    rounds_cap = min(default_rounds(n) if max_rounds is None else int(max_rounds), n - len(calib.protected))
     sig = calib.runner.signature
     sizes = [u.params for u in units(calib.encoder, gran)]
     total = count_params(calib.encoder)
@@ -152,7 +152,7 @@ def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | N
 
     while len(result.rounds) < rounds_cap:
         start = time.perf_counter()
-        orders = expand(beams, n, merge_same_set)
+        orders = expand(beams, n, merge_same_set, calib.protected)
         plans = [PruningPlan.from_skips(sig, o, gran, "skrr") for o in orders]
         # Each beam's states, derived from its parent's (the beam of the last round it extends).
         held = kept.derive({b.order: PruningPlan.from_skips(sig, b.order, gran, "skrr") for b in beams},
@@ -183,8 +183,10 @@ def skip_phase(calib: "CalibrationSet", beam_width: int = 3, max_rounds: int | N
     return result
 
 
-def expand(beams: Sequence[Beam], num_units: int, merge_same_set: bool = True) -> list[tuple[int, ...]]:
-    """Every beam (best first) extended by every unit it does not skip (Alg. 1), in expansion order.
+def expand(beams: Sequence[Beam], num_units: int, merge_same_set: bool = True,
+           protected: Sequence[int] = ()) -> list[tuple[int, ...]]:
+    """Every beam (best first) extended by every unit it does not skip (Alg. 1), in expansion order; units in
+    ``protected`` are never candidates (SD3's CLIP with calib.clip_last_block=false, skrr/readout.py).
 
     Merged, a set reached from several beams keeps the order from the first of them in rank order, i.e. the
     parent with the lower D (ties: the parent's rank), not the lexicographically smaller order: on MiniLM the
@@ -192,7 +194,7 @@ def expand(beams: Sequence[Beam], num_units: int, merge_same_set: bool = True) -
     """
     cands: dict[frozenset[int] | tuple[int, ...], tuple[int, ...]] = {}
     for beam in beams:
-        skipped = set(beam.order)
+        skipped = set(beam.order) | set(protected)
         for u in range(num_units):
             if u not in skipped:
                 order = beam.order + (u,)

@@ -44,6 +44,12 @@ _SD2 = {"pipeline": "StableDiffusionPipeline", "text_encoder": "text_encoder", "
 KINDS: dict[str, dict[str, str]] = {"pixart_sigma": _PIXART, "sd3": _SD3, "flux": _FLUX, "sd2": _SD2,
                                     "tiny": _PIXART, "tiny_sd3": _SD3, "tiny_flux": _FLUX, "tiny_sd2": _SD2}
 TINY_KINDS = ("tiny", "tiny_sd3", "tiny_flux", "tiny_sd2")
+# The text encoders a cell can prune, by name: "t5" is the pipeline's main one (KINDS[kind]["text_encoder"]:
+# T5, or SD2's CLIP); SD3 also has CLIP-L and CLIP-G (paper Table A12), scored on what SD3's denoiser receives
+# from them (skrr/readout.py). Name -> (pipeline component, tokenizer component, transformers class).
+SD3_CLIPS: dict[str, tuple[str, str, str]] = {"clip_l": ("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),
+                                              "clip_g": ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection")}
+MAIN = "t5"
 # SD2's encode_prompt pads to the tokenizer's model_max_length (CLIP: 77 positions).
 SD2_LENGTH = 77
 
@@ -89,6 +95,19 @@ class PipelineSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def encoder_names(self) -> tuple[str, ...]:
+        """The text encoders of this pipeline a cell may prune ("t5" first; SD3: "clip_l", "clip_g" too)."""
+        return (MAIN, *SD3_CLIPS) if KINDS[self.kind]["family"] == "sd3" else (MAIN,)
+
+    def component(self, which: str = MAIN) -> tuple[str, str, str]:
+        """(pipeline attribute, tokenizer attribute, transformers class) of a text encoder by name."""
+        if which not in self.encoder_names():
+            raise ValueError(f"pipeline {self.name} has no text encoder {which!r}; it has {list(self.encoder_names())}")
+        if which != MAIN:
+            return SD3_CLIPS[which]
+        sub = KINDS[self.kind]
+        return sub["text_encoder"], sub["tokenizer"], "CLIPTextModel" if sub["family"] == "sd2" else "T5EncoderModel"
 
     @property
     def encoding(self) -> PromptEncoding:
@@ -172,9 +191,7 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
     from skrr import tiny
 
     t5, t5_tokenizer = tiny_text_encoder("t5", seed)
-    # SD3 pads CLIP-L ⊕ CLIP-G features to T5's width: 16 + 16 <= 32 (diffusers' encode_prompt).
-    clip_l = tiny.tiny_clip_text(2, 16, seed + 1, projection=True, real_vocab=True, name="skrr/tiny-clip-l")
-    clip_g = tiny.tiny_clip_text(2, 16, seed + 2, projection=True, real_vocab=True, name="skrr/tiny-clip-g")
+    clip_l, clip_g = tiny_sd3_clip("clip_l", seed), tiny_sd3_clip("clip_g", seed)
     transformer = tiny.tiny_sd3_transformer(t5.config.d_model, 2 * clip_l.config.projection_dim, seed)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny.tiny_vae(seed, 0.0),
@@ -182,6 +199,18 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
         text_encoder_3=t5, tokenizer_3=t5_tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd3_clip(which: str, seed: int = 0) -> nn.Module:
+    """CLIP-L or CLIP-G of ``tiny_sd3``: 3 random pre-LN blocks of width 16 with a text projection (SD3 pads
+    CLIP-L ⊕ CLIP-G features to T5's width: 16 + 16 <= 32, diffusers' encode_prompt). The MLPs are 4096 wide so
+    that the blocks hold a third of the parameters beside the real 49,408-token embedding, and the paper's
+    CLIP targets (30.6 %, 30.3 %, Table A12) are reachable in half the units, as on the real CLIPs."""
+    from skrr import tiny
+
+    offset = {"clip_l": 1, "clip_g": 2}[which]
+    return tiny.tiny_clip_text(3, 16, seed + offset, projection=True, real_vocab=True, intermediate=4096,
+                               name=f"skrr/tiny-{which.replace('_', '-')}")
 
 
 def build_tiny_flux_pipeline(seed: int = 0) -> Any:
@@ -239,8 +268,9 @@ def _tiny(spec: PipelineSpec) -> Any:
 
 # --------------------------------------------------------------------------------------------- real pipelines
 def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_encoder: nn.Module | None = None,
-                  drop_text_encoder: bool = False) -> Any:
-    """The whole diffusers pipeline (optionally with a given, e.g. pruned, text encoder).
+                  drop_text_encoder: bool = False, encoders: dict[str, nn.Module] | None = None) -> Any:
+    """The whole diffusers pipeline (optionally with a given, e.g. pruned, text encoder; ``encoders``: more of
+    them by name, e.g. SD3's pruned ``clip_l``/``clip_g``, which are then never loaded dense).
 
     ``drop_text_encoder``: SD3 without its T5 (``text_encoder_3=None, tokenizer_3=None``, never loaded); diffusers'
     ``StableDiffusion3Pipeline._get_t5_prompt_embeds`` then gives zeros in T5's place (the "Drop T5" baseline).
@@ -248,17 +278,18 @@ def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_e
     sub = KINDS[spec.kind]
     if drop_text_encoder and sub["family"] != "sd3":
         raise ValueError(f"only SD3 runs without its T5 (text_encoder_3=None); pipeline {spec.name} needs it")
+    given = {**(encoders or {}), **({MAIN: text_encoder} if text_encoder is not None else {})}
     if spec.kind in TINY_KINDS:
         pipe = _tiny(spec)
-        if text_encoder is not None:
-            set_text_encoder(pipe, spec, text_encoder)
+        for which, module in given.items():
+            set_text_encoder(pipe, spec, module, which)
         if drop_text_encoder:
             pipe.register_modules(**{sub["text_encoder"]: None, sub["tokenizer"]: None})
         return pipe.to(device)
     import diffusers
 
     cls = getattr(diffusers, sub["pipeline"])
-    extra = {sub["text_encoder"]: text_encoder} if text_encoder is not None else {}
+    extra = {spec.component(which)[0]: module for which, module in given.items()}
     if drop_text_encoder:  # from_pretrained skips a component passed as None (pipeline_utils.from_pretrained)
         extra = {sub["text_encoder"]: None, sub["tokenizer"]: None}
     pipe = _hub_call(spec, "pipeline", lambda: cls.from_pretrained(
@@ -266,27 +297,36 @@ def load_pipeline(spec: PipelineSpec, device: str | torch.device = "cpu", text_e
     return pipe.to(device)
 
 
-def load_text_encoder(spec: PipelineSpec, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """The pipeline's pruned text encoder (T5; SD2: CLIP) and tokenizer alone, without the denoiser."""
+def load_text_encoder(spec: PipelineSpec, device: str | torch.device = "cpu",
+                      which: str = MAIN) -> tuple[nn.Module, Any]:
+    """A text encoder of the pipeline (``which``: "t5" = the main one, T5 or SD2's CLIP; SD3 "clip_l"/"clip_g")
+    and its tokenizer alone, without the denoiser."""
+    component, tokenizer_name, cls_name = spec.component(which)
+    if spec.kind == "tiny_sd3" and which != MAIN:
+        from skrr import tiny
+
+        return tiny_sd3_clip(which, spec.seed).to(device), tiny.clip_tokenizer()
     if spec.kind == "tiny_sd2":
         encoder, tokenizer = tiny_sd2_text_encoder(spec.seed)
         return encoder.to(device), tokenizer
     if spec.kind in TINY_KINDS:
         encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)  # the T5 every tiny kind uses
         return encoder.to(device), tokenizer
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    import transformers
+    from transformers import AutoTokenizer
 
-    sub = KINDS[spec.kind]
-    cls = CLIPTextModel if sub["family"] == "sd2" else T5EncoderModel
+    cls = getattr(transformers, cls_name)
     encoder = _hub_call(spec, "text encoder", lambda: cls.from_pretrained(
-        spec.model_id, subfolder=sub["text_encoder"], revision=spec.revision, torch_dtype=spec.torch_dtype))
+        spec.model_id, subfolder=component, revision=spec.revision, torch_dtype=spec.torch_dtype))
     tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
-        spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
+        spec.model_id, subfolder=tokenizer_name, revision=spec.revision))
     return encoder.eval().to(device), tokenizer
 
 
-def load_pruned_text_encoder(spec: PipelineSpec, plan: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """The plan's pruned T5 text encoder and tokenizer, reading only the kept tensors of the dense checkpoint.
+def load_pruned_text_encoder(spec: PipelineSpec, plan: Any, device: str | torch.device = "cpu",
+                             which: str = MAIN) -> tuple[nn.Module, Any]:
+    """The plan's pruned text encoder (``which``, as load_text_encoder) and tokenizer, reading only the kept
+    tensors of the dense checkpoint.
 
     The dense encoder never exists in memory or on the device: a meta skeleton gets the plan, then each kept
     tensor is read from the (local or cached, sharded or not) safetensors files, cast to the pipeline dtype
@@ -296,24 +336,24 @@ def load_pruned_text_encoder(spec: PipelineSpec, plan: Any, device: str | torch.
     from skrr.surgery import apply_plan
 
     if spec.kind in TINY_KINDS:
-        encoder, tokenizer = tiny_text_encoder(spec.text_encoder, spec.seed)
+        encoder, tokenizer = load_text_encoder(spec, "cpu", which)
         return apply_plan(encoder, plan, inplace=True).to(device), tokenizer
     from transformers import AutoTokenizer
 
     from skrr.export import ExportError, load_pruned_from_dense
 
-    sub = KINDS[spec.kind]
+    component, tokenizer_name, cls_name = spec.component(which)
 
     def load() -> nn.Module:
         try:
-            return load_pruned_from_dense(spec.model_id, plan, spec.torch_dtype, device, sub["text_encoder"],
-                                          spec.revision)
+            return load_pruned_from_dense(spec.model_id, plan, spec.torch_dtype, device, component, spec.revision,
+                                          cls_name=cls_name)
         except ExportError as err:  # a checkpoint that is there but unusable: its own one-line reason
             raise ModelUnavailableError(f"cannot load the text encoder of {spec.model_id!r}: {err}") from err
 
     encoder = _hub_call(spec, "text encoder", load)
     tokenizer = _hub_call(spec, "tokenizer", lambda: AutoTokenizer.from_pretrained(
-        spec.model_id, subfolder=sub["tokenizer"], revision=spec.revision))
+        spec.model_id, subfolder=tokenizer_name, revision=spec.revision))
     return encoder, tokenizer
 
 
@@ -326,12 +366,16 @@ def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cp
     """
     if not KINDS[spec.kind]["projection"]:
         return nn.Identity()
+    return load_denoiser_module(spec, KINDS[spec.kind]["projection"], device)
+
+
+def load_denoiser_module(spec: PipelineSpec, name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """One module of the denoiser (a dotted name: ``context_embedder``, ``time_text_embed.text_embedder``), reading
+    only its tensors from the (possibly sharded) transformer checkpoint."""
     if spec.kind in TINY_KINDS:
-        return getattr(_tiny(spec).transformer, KINDS[spec.kind]["projection"]).to(device).eval()
+        return _get_module(_tiny(spec).transformer, name).to(device).eval()
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
-
-    name = KINDS[spec.kind]["projection"]
 
     def fetch(filename: str) -> str:
         local = Path(spec.model_id) / "transformer" / filename
@@ -353,9 +397,47 @@ def load_caption_projection(spec: PipelineSpec, device: str | torch.device = "cp
             for key in sf.keys():
                 if key.startswith(name + "."):
                     state[key[len(name) + 1:]] = sf.get_tensor(key)
-    module = projection_from_config(spec.kind, config)
+    module = projection_from_config(spec.kind, config) if name == KINDS[spec.kind]["projection"] else \
+        _module_from_config(spec.kind, name, config)
     module.load_state_dict(state)
     return module.to(device=device, dtype=spec.torch_dtype).eval()
+
+
+def _get_module(root: nn.Module, name: str) -> nn.Module:
+    for part in name.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _module_from_config(kind: str, name: str, config: dict[str, Any]) -> nn.Module:
+    """An empty denoiser module other than the caption projection, with a config's shapes (diffusers' classes)."""
+    if KINDS[kind]["family"] == "sd3" and name == "time_text_embed.text_embedder":
+        from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+        # SD3Transformer2DModel: CombinedTimestepTextProjEmbeddings(inner_dim, pooled_projection_dim).text_embedder
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        return PixArtAlphaTextProjection(config["pooled_projection_dim"], inner, act_fn="silu")
+    raise ValueError(f"no loader for the {name} module of a {kind} denoiser")
+
+
+def sd3_clip_readout(spec: PipelineSpec, which: str, prompts: list[str], device: str | torch.device = "cpu", *,
+                     encoder: nn.Module, pooled_weight: float = 1.0, clip_last_block: bool = True,
+                     use_projection: bool = True, batch_size: int = 16) -> nn.Module:
+    """What SD3's denoiser receives from CLIP ``which`` (skrr/readout.py), for these calibration prompts and ∅:
+    the other CLIP runs dense once over them, and only the context embedder and pooled projection of the
+    transformer are read."""
+    from skrr.readout import SIDES, SD3ClipReadout, sd3_clip_outputs
+
+    if which not in SIDES or KINDS[spec.kind]["family"] != "sd3":
+        raise ValueError(f"{which} of pipeline {spec.name} is not one of SD3's CLIP encoders {SIDES}")
+    other_name = SIDES[1 - SIDES.index(which)]
+    other, other_tokenizer = load_text_encoder(spec, device, other_name)
+    hidden, pooled = sd3_clip_outputs(other, other_tokenizer, [*prompts, ""], batch_size, device)
+    del other
+    context = load_denoiser_module(spec, "context_embedder", device) if use_projection else None
+    text_embedder = load_denoiser_module(spec, "time_text_embed.text_embedder", device) if use_projection else None
+    return SD3ClipReadout(which, encoder, hidden, pooled, context, text_embedder, pooled_weight=pooled_weight,
+                          clip_last_block=clip_last_block, use_projection=use_projection)
 
 
 def projection_from_config(kind: str, config: dict[str, Any]) -> nn.Module:
@@ -381,9 +463,10 @@ def caption_projection_of(pipe: Any) -> nn.Module:
     raise TypeError(f"{type(transformer).__name__} has no caption_projection or context_embedder")
 
 
-def text_encoder_of(pipe: Any, spec: PipelineSpec) -> nn.Module:
-    """The T5 text encoder of a loaded pipeline (SD3: text_encoder_3, FLUX: text_encoder_2)."""
-    return getattr(pipe, KINDS[spec.kind]["text_encoder"])
+def text_encoder_of(pipe: Any, spec: PipelineSpec, which: str = MAIN) -> nn.Module:
+    """A text encoder of a loaded pipeline: the main one (T5; SD3 text_encoder_3, FLUX text_encoder_2) or, by
+    name, SD3's CLIP-L / CLIP-G."""
+    return getattr(pipe, spec.component(which)[0])
 
 
 def denoiser_of(pipe: Any) -> nn.Module:
@@ -392,6 +475,6 @@ def denoiser_of(pipe: Any) -> nn.Module:
     return unet if unet is not None else pipe.transformer
 
 
-def set_text_encoder(pipe: Any, spec: PipelineSpec, encoder: nn.Module) -> None:
+def set_text_encoder(pipe: Any, spec: PipelineSpec, encoder: nn.Module, which: str = MAIN) -> None:
     """Put a (pruned) text encoder into a loaded pipeline in place of the dense one."""
-    setattr(pipe, KINDS[spec.kind]["text_encoder"], encoder)
+    setattr(pipe, spec.component(which)[0], encoder)

@@ -224,8 +224,12 @@ def apply_plan(encoder: nn.Module, plan: PruningPlan, inplace: bool = False) -> 
             setattr(parent, name, child)
             parent = child
     setattr(parent, fam.stack_path_of(encoder)[-1], new_blocks)
-    # transformers installs its output-recording hooks once per model; the new blocks need their own.
-    target.__dict__.pop("_output_capturing_hooks_installed", None)
+    # transformers installs its output-recording hooks once per model, and per inner model (CLIPTextModel inside
+    # CLIPTextModelWithProjection): the new blocks need their own, or hidden_states (SD3's [-2]) is empty.
+    node = target
+    for name in (None, *fam.stack_path_of(encoder)[:-1]):
+        node = node if name is None else getattr(node, name)
+        node.__dict__.pop("_output_capturing_hooks_installed", None)
     target.__dict__.pop("_skrr_relative_bias", None)
     target.pruning_plan = plan.with_meta(realized_sparsity=sparsity)
     return target

@@ -73,7 +73,8 @@ def tiny_t5(num_layers: int = 4, d_model: int = 32, d_ff: int = 64, num_heads: i
 
 
 def tiny_clip_text(num_layers: int = 3, hidden: int = 32, seed: int = 0, projection: bool = False,
-                   real_vocab: bool = False, projection_dim: int = 16, name: str = "skrr/tiny-clip-text") -> Any:
+                   real_vocab: bool = False, projection_dim: int = 16, name: str = "skrr/tiny-clip-text",
+                   intermediate: int | None = None) -> Any:
     """A pre-LN CLIP text encoder (causal attention, quick-GELU), random weights, eval.
 
     ``real_vocab``: OpenAI CLIP's 49,408 tokens and 77 positions, for ``clip_tokenizer()`` (tiny pipelines).
@@ -83,7 +84,7 @@ def tiny_clip_text(num_layers: int = 3, hidden: int = 32, seed: int = 0, project
     vocab = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                  pad_token_id=49407) if real_vocab else dict(vocab_size=100, max_position_embeddings=32,
                                                               bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=num_layers,
                          num_attention_heads=4, projection_dim=projection_dim, **vocab)
     cfg._name_or_path = name
     torch.manual_seed(seed)

@@ -15,6 +15,8 @@ def test_demo_completes_with_a_full_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "tables" / "demo.md").read_text()
     assert "All cells complete." in table
-    for row in ("Dense", "ShortGPT", "LaCo", "Skrr", "Magnitude", "FinerCut (tiny random T5, sub-blocks)"):
+    for row in ("Dense", "ShortGPT", "LaCo", "Skrr", "Magnitude", "FinerCut (tiny random T5, sub-blocks)",
+                "Skrr (tiny SD3: T5 + CLIP-L 30.6 % + CLIP-G 30.3 %)", "Skrr (tiny FLUX, its T5)",
+                "Magnitude (tiny SD2: text encoder 47.5 % + U-Net 35 %)"):
         assert f"| {row} |" in table
     assert (tmp_path / "tables" / "demo.png").stat().st_size > 10_000

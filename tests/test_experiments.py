@@ -121,7 +121,8 @@ def test_ablation_sweeps() -> None:
 
 def test_demo_is_offline_and_runs_every_method() -> None:
     cells = cells_of("demo")
-    assert {c.cell.pipeline for c in cells} == {"tiny_minilm", "tiny"}
+    # Every tiny pipeline runs every stage (issue 14): PixArt-Σ (MiniLM, T5), SD3 (all three encoders), FLUX, SD2.
+    assert {c.cell.pipeline for c in cells} == {"tiny_minilm", "tiny", "tiny_sd3", "tiny_flux", "tiny_sd2"}
     minilm = {c.cell.method for c in cells if c.cell.pipeline == "tiny_minilm"}
     assert minilm == {"dense", "shortgpt", "laco", "skrr", "magnitude"}   # BERT: no sub-block FinerCut
     assert {c.cell.method for c in cells if c.cell.pipeline == "tiny"} == {"skrr", "finercut"}  # sub-blocks on T5
@@ -195,7 +196,7 @@ def test_paper_numbers_are_transcribed_exactly() -> None:
     assert paper_grid("reuse") == [[41.9, 0.311, 0.745, 0.438], [41.9, 0.312, 0.746, 0.442]]   # Table A11
     assert paper_grid("projection") == [[41.9, 0.381], [41.9, 0.442]]                           # Table A13
     assert paper_grid("sd3") == [[0.0, 0.689], [41.9, 0.611], [41.9, 0.579]]                     # Table A12
-    assert [r.supported for r in load_table("sd3", CONFIG_DIR).rows] == [True, True, False, True]
+    assert [r.supported for r in load_table("sd3", CONFIG_DIR).rows] == [True, True, True, True]
 
 
 def test_tables_and_sweeps_name_real_files() -> None:

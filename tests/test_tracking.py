@@ -86,12 +86,14 @@ def test_offline_run_under_results(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert t.enabled and t.mode == "offline" and t.id == run_id(CELL, "sig123", "beam")
         t.log_config({"extra": 1})
         t.log_plan(plan())
+        t.log_plan(plan().with_meta(realized_sparsity=0.3), "plan_clip_l")  # an encoders= cell's other plan
         t.log_metrics({"clip": {"value": 0.31, "backbone": "x"}, "geneval": {"tasks": {"counting": 0.4}}})
         t.log_images([img], ["a red square"])
         summary = dict(t.run.summary)
         assert t.run.config["method"] == {"beam_width": 1} and t.run.config["extra"] == 1
     assert summary["realized_sparsity"] == 0.42 and summary["plan/order"] == "3,0,1"
     assert summary["plan/skipped"] == "0,3" and summary["plan/reused"] == "3->1"
+    assert summary["plan_clip_l/realized_sparsity"] == 0.3 and summary["plan_clip_l/skipped"] == "0,3"
     assert summary["metrics/geneval/tasks/counting"] == 0.4 and summary["metrics/clip/value"] == 0.31
     runs = list((results / "wandb").glob("offline-run-*"))
     assert [r.name.rsplit("-", 1)[-1] for r in runs] == [t.id]

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skrr.calib import DEFAULT_PROMPTS, CalibrationSet, load_prompts, prompt_hash, sample_prompts
 from skrr.interface import PruningMethod, check_sparsity
-from skrr.pipelines import PipelineSpec, load_caption_projection, load_text_encoder
+from skrr.pipelines import MAIN, PipelineSpec, load_caption_projection, load_text_encoder, sd3_clip_readout
 from skrr.plan import PruningPlan
 from skrr.experiments.store import PlanCache, canonical, remove_empty_parents
 from skrr.surgery import signature
@@ -25,12 +25,25 @@ log = logging.getLogger(__name__)
 
 
 def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, spec: PipelineSpec,
-                    device: torch.device, granularity: str | None = None) -> CalibrationSet:
-    """The CalibrationSet every method of a run shares, from ``cfg.calib``."""
+                    device: torch.device, granularity: str | None = None, which: str = MAIN) -> CalibrationSet:
+    """The CalibrationSet every method of a run shares, from ``cfg.calib`` (``which``: SD3's clip_l / clip_g are
+    scored on what SD3's denoiser receives from them, with ``cfg.sd3_clip``'s choices: skrr/readout.py)."""
     c = cfg.calib
     path = Path(c.prompts) if c.prompts else DEFAULT_PROMPTS
     prompts = sample_prompts(load_prompts(path, c.column), c.num_calib_prompts, c.seed)
     log.info("calibration: %d prompts from %s (hash %s)", len(prompts), path, prompt_hash(prompts))
+    if which != MAIN:
+        from skrr.readout import sd3_clip_encoding
+
+        choice = cfg.sd3_clip
+        readout = sd3_clip_readout(spec, which, prompts, device, encoder=encoder,
+                                   pooled_weight=float(choice.pooled_weight),
+                                   clip_last_block=bool(choice.last_block_prunable),
+                                   use_projection=c.use_projection, batch_size=c.batch_size)
+        return CalibrationSet(encoder, tokenizer, prompts, None, encoding=sd3_clip_encoding(tokenizer),
+                              metric=c.metric, use_projection=c.use_projection, null_prompt=c.null_prompt,
+                              token_mask=c.token_mask, batch_size=c.batch_size, granularity=granularity,
+                              device=device, readout=readout)
     projection = load_caption_projection(spec, device) if c.use_projection else None
     return CalibrationSet(encoder, tokenizer, prompts, projection, encoding=spec.encoding,
                           metric=c.metric, use_projection=c.use_projection, null_prompt=c.null_prompt,
@@ -39,13 +52,16 @@ def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, s
 
 
 def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: PipelineSpec, device: torch.device,
-                 sparsities: Sequence[float], results: Path) -> dict[float, PruningPlan]:
-    """Plans for every target sparsity, from the shared plan cache or one search (then cached)."""
+                 sparsities: Sequence[float], results: Path, which: str = MAIN) -> dict[float, PruningPlan]:
+    """Plans for every target sparsity of text encoder ``which``, from the shared plan cache or one search (then
+    cached)."""
     sparsities = sorted({round(check_sparsity(s), 6) for s in sparsities})
-    encoder, tokenizer = load_text_encoder(spec, device)
+    encoder, tokenizer = load_text_encoder(spec, device, which)
     sig = signature(encoder)
     cache = PlanCache(results)
     calib_cfg = OmegaConf.to_container(cfg.calib, resolve=True) if name != "dense" else {}
+    if which != MAIN and calib_cfg:  # the SD3 CLIP readout's choices change D; the T5's key stays as it was
+        calib_cfg = {**calib_cfg, "encoder": which, "sd3_clip": OmegaConf.to_container(cfg.sd3_clip, resolve=True)}
     # The targets are not part of the key: every method's plan at s is independent of the other targets
     # (Skrr runs a fixed number of rounds, the baselines take prefixes of one order), so one cached record
     # serves every sweep and grows by the targets it was not yet asked for.
@@ -56,7 +72,8 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
     path = cache.path(sig.model_id or sig.arch, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        record = _search_locked(cfg, method, name, spec, device, sparsities, encoder, tokenizer, sig, cache, path)
+        record = _search_locked(cfg, method, name, spec, device, sparsities, encoder, tokenizer, sig, cache, path,
+                                which)
     except BaseException:
         # A failed search leaves no stray lock (nor empty plan folders) when no plan was ever cached here.
         if not path.exists():
@@ -68,7 +85,7 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
 
 def _search_locked(cfg: DictConfig, method: PruningMethod, name: str, spec: PipelineSpec, device: torch.device,
                    sparsities: list[float], encoder: torch.nn.Module, tokenizer: Any, sig: Any, cache: PlanCache,
-                   path: Path) -> dict[str, Any]:
+                   path: Path, which: str = MAIN) -> dict[str, Any]:
     """The cached search record at ``path``, searching (once, under its lock) when it is missing."""
     with FileLock(str(path) + ".lock"):  # concurrent cells of one sweep wait for the first search
         record = cache.get(path) or {"method": name, "encoder": sig.describe(), "search_seconds": 0.0, "plans": {}}
@@ -87,7 +104,7 @@ def _search_locked(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipe
                 found = method.search_many(calib, missing)
             else:
                 calib = calibration_set(cfg, encoder, tokenizer, spec, device,
-                                        granularity=_granularity(method, encoder))
+                                        granularity=_granularity(method, encoder), which=which)
                 found = method.search_many(calib, missing)
             seconds = round(time.time() - start, 2)
             record["search_seconds"] = round(record["search_seconds"] + seconds, 2)

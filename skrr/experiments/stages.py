@@ -108,14 +108,71 @@ def tracker_for(cfg: DictConfig, store: CellStore) -> Tracker:
     return Tracker(cfg.logger, store.cell, store.signature, cfg.experiment, config, store.results)
 
 
+def extra_encoders(cfg: DictConfig, spec: PipelineSpec, method_name: str) -> dict[str, float]:
+    """The cell's other text encoders to prune (``encoders=``, SD3's CLIP-L/G, paper Table A12): name -> target
+    sparsity, checked (one line naming the key otherwise). The T5's target is always ``sparsity``."""
+    from skrr.pipelines import MAIN
+
+    given = cfg.get("encoders")
+    if given is not None and not OmegaConf.is_dict(given):
+        raise InputError(f"encoders must map encoder names to sparsities, got {given!r}; e.g. "
+                         f"\"encoders={{clip_l: 0.306, clip_g: 0.303}}\"")
+    given = {k: v for k, v in (OmegaConf.to_container(given, resolve=True) if given is not None else {}).items()
+             if v is not None}
+    if not given:
+        return {}
+    names = spec.encoder_names()
+    if len(names) == 1:
+        raise InputError(f"encoders= prunes SD3's CLIP encoders; pipeline={spec.name} has one text encoder to prune, "
+                         f"set by sparsity=; drop encoders=")
+    extra = {}
+    for name, value in given.items():
+        if name not in names:
+            raise InputError(f"encoders.{name}: pipeline {spec.name} has no text encoder {name!r}; choose from "
+                             f"{', '.join(names)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InputError(f"encoders.{name} must be a sparsity in [0, 1) (e.g. 0.306 for 30.6 %), got {value!r}")
+        target = round(float(value), 6)
+        if name == MAIN:
+            if target != round(float(cfg.sparsity), 6):
+                raise InputError(f"encoders.{MAIN}={value} contradicts sparsity={cfg.sparsity} (the cell's T5 target); "
+                                 f"set sparsity={value} or drop encoders.{MAIN}")
+            continue
+        if target > 0:
+            extra[name] = target
+    if extra and method_name != "skrr":
+        raise InputError(f"encoders= (SD3's CLIP encoders scored on what the denoiser receives from them) is a Skrr "
+                         f"search; use method=skrr, or drop encoders= to prune the T5 only with method={method_name}")
+    if extra:
+        clip_method(cfg, None)  # a bad sd3_clip.max_rounds: one line now, not after the T5's search
+    return extra
+
+
+def clip_method(cfg: DictConfig, method: PruningMethod) -> PruningMethod:
+    """The method that searches SD3's CLIPs: the cell's, with ``sd3_clip.max_rounds`` when it is set."""
+    rounds = cfg.sd3_clip.get("max_rounds")
+    if rounds is None:
+        return method
+    from skrr.experiments.methods import method_from_config
+
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"sd3_clip.max_rounds must be a whole number >= 1 (or null for half the units), got "
+                         f"{rounds!r}; e.g. sd3_clip.max_rounds=12")
+    return method_from_config(OmegaConf.merge(cfg.method, {"max_rounds": rounds}))[1]
+
+
 def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningMethod, spec: PipelineSpec,
-           device: torch.device, tracker: Tracker) -> PruningPlan:
-    """The cell's plan: from the cell folder, a given plan file, or the (cached) search of ``method``."""
+           device: torch.device, tracker: Tracker) -> tuple[PruningPlan, dict[str, PruningPlan]]:
+    """The cell's plans: the main encoder's (from the cell folder, a given plan file, or the cached search of
+    ``method``) and one per other encoder of ``encoders=`` (SD3's CLIPs, each searched on its own calibration
+    set and cached on its own; ``plan_<name>.json`` in the cell folder)."""
+    extra_targets = extra_encoders(cfg, spec, method_name)
     if store.done("search"):
         plan = store.load_plan()
+        extras = {name: store.load_plan(name) for name in extra_targets}
         log.info("search: done before -> %s", plan.summary())
-        tracker.log_plan(plan)  # another experiment may mirror this cell under its own W&B group
-        return plan
+        _log_plans(tracker, plan, extras)  # another experiment may mirror this cell under its own W&B group
+        return plan, extras
     if cfg.plan_file:
         encoder, _ = load_text_encoder(spec, device)
         try:
@@ -127,29 +184,51 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
         targets = [float(cfg.sparsity), *map(float, cfg.search_sparsities)]
         plan = search_plans(cfg, method, method_name, spec, device, targets, store.results)[
             round(float(cfg.sparsity), 6)]
+    extras = {}
+    for name, target in extra_targets.items():
+        log.info("search: %s of %s at %.4f", name, spec.name, target)
+        extras[name] = search_plans(cfg, clip_method(cfg, method), method_name, spec, device, [target], store.results,
+                                    which=name)[target]
+    for name, found in extras.items():
+        atomic_write_text(store.plan_path_of(name), found.to_json() + "\n")
     atomic_write_text(store.plan_path, plan.to_json() + "\n")
-    store.mark_done("search", {"summary": plan.summary(), "realized_sparsity": plan.meta.get("realized_sparsity")})
-    tracker.log_plan(plan)
+    info = {"summary": plan.summary(), "realized_sparsity": plan.meta.get("realized_sparsity")}
+    if extras:
+        info["encoders"] = {name: {"summary": p.summary(), "realized_sparsity": p.meta.get("realized_sparsity")}
+                            for name, p in extras.items()}
+    store.mark_done("search", info)
+    _log_plans(tracker, plan, extras)
     log.info("search: %s", plan.summary())
-    return plan
+    for name, found in extras.items():
+        log.info("search: %s: %s", name, found.summary())
+    return plan, extras
+
+
+def _log_plans(tracker: Tracker, plan: PruningPlan, extras: dict[str, PruningPlan]) -> None:
+    tracker.log_plan(plan)
+    for name, found in extras.items():
+        tracker.log_plan(found, f"plan_{name}")
 
 
 def pruned_pipeline(spec: PipelineSpec, plan: PruningPlan, device: torch.device,
-                    call: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
+                    call: dict[str, Any] | None = None,
+                    extras: dict[str, PruningPlan] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """The pipeline with its text encoder replaced by the plan's physically smaller one (or its weights zeroed),
     and its denoiser pruned when the plan carries a denoiser rule (the SD2 study); returns (pipe, denoiser report).
+    ``extras``: skip / re-use plans of other text encoders by name (SD3's CLIP-L/G), loaded pruned the same way.
 
     The denoiser is pruned before the encoder: Wanda's U-Net activations come from denoising steps conditioned
     on the dense encoder's features, as the encoder's own norms come from the dense encoder."""
     from baselines import changes_encoder, prune_denoiser, prune_encoder, zeroes_weights
 
+    others = {name: load_pruned_text_encoder(spec, p, device, name)[0] for name, p in (extras or {}).items()}
     if not plan.is_identity and not plan.merged and not zeroes_weights(plan):
         # Skip / re-use plans: read only the kept tensors of the dense checkpoint, cast each one, straight
         # to the device (the dense encoder never exists); the pipeline then loads without its text encoder.
         encoder, _ = load_pruned_text_encoder(spec, plan, device)
-        return load_pipeline(spec, device, text_encoder=encoder), None
+        return load_pipeline(spec, device, text_encoder=encoder, encoders=others), None
     # LaCo merges compute new weights, magnitude and Wanda zero inside tensors: they need the dense encoder.
-    pipe = load_pipeline(spec, device)
+    pipe = load_pipeline(spec, device, encoders=others)
     report = None
     if "denoiser" in plan.meta:
         report = prune_denoiser(pipe, denoiser_of(pipe), plan, call or {})
@@ -195,8 +274,9 @@ class LazyPipeline:
 
     def __init__(self, spec: PipelineSpec, plan: PruningPlan | None, device: torch.device,
                  call: dict[str, Any] | None = None, report_path: Path | None = None, quantize: str = "none",
-                 drop_text_encoder: bool = False):
+                 drop_text_encoder: bool = False, extras: dict[str, PruningPlan] | None = None):
         self.spec, self.plan, self.device, self._pipe = spec, plan, device, None
+        self.extras = dict(extras or {})  # other pruned text encoders by name (SD3's CLIP-L/G; encoders=)
         self.call, self.report_path = call, report_path  # denoiser pruning: Wanda's calls; where its report goes
         self.quantize = quantize or "none"  # the cell's quantize=: applied to the (pruned) text encoder once built
         self.drop_text_encoder = drop_text_encoder  # SD3 without T5 (a dense cell; run.py checks)
@@ -206,7 +286,7 @@ class LazyPipeline:
             if self.plan is None or self.drop_text_encoder:
                 self._pipe = load_pipeline(self.spec, self.device, drop_text_encoder=self.drop_text_encoder)
             else:
-                self._pipe, report = pruned_pipeline(self.spec, self.plan, self.device, self.call)
+                self._pipe, report = pruned_pipeline(self.spec, self.plan, self.device, self.call, self.extras)
                 if report is not None and self.report_path is not None:
                     atomic_write_json(self.report_path, report)
             if self.quantize != "none":
@@ -225,6 +305,8 @@ class LazyPipeline:
                     "plan": "dense" if dense else self.plan.fingerprint()}
         if not dense and "denoiser" in self.plan.meta:  # the U-Net rule changes the images too
             identity["denoiser"] = self.plan.meta["denoiser"]
+        if self.extras:  # so do SD3's pruned CLIPs (absent when none: T5-only folders still match)
+            identity["encoders"] = {name: p.fingerprint() for name, p in sorted(self.extras.items())}
         if self.drop_text_encoder:
             identity["drop_text_encoder"] = True
         if self.quantize != "none":  # so do quantized encoder weights (absent when none: old folders still match)

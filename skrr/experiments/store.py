@@ -5,6 +5,7 @@ Layout (the on-disk contract between run.py, the tables and W&B):
     <results>/runs/<pipeline>/<method>[-<tag>][+<quantize>]/s<sparsity>/seed<seed>/
         cell.json              what this cell is + the signature of its config (written first)
         plan.json              the PruningPlan used (target and realized sparsity in its meta)
+        plan_<encoder>.json    with encoders=: the plan of each other pruned text encoder (SD3's clip_l, clip_g)
         images/, manifest.jsonl  generated images (eval/generate.py layout)
         metrics/<metric>.json  one file per metric
         stages/<stage>.json    a stage's completion record; a stage whose record exists is skipped
@@ -110,6 +111,11 @@ class CellStore:
     def plan_path(self) -> Path:
         return self.dir / "plan.json"
 
+    def plan_path_of(self, encoder: str | None = None) -> Path:
+        """The plan of the main text encoder (plan.json) or of another one by name (plan_<name>.json: SD3's
+        clip_l / clip_g with encoders=)."""
+        return self.plan_path if encoder in (None, "t5") else self.dir / f"plan_{encoder}.json"
+
     @property
     def images_dir(self) -> Path:
         return self.dir / "images"
@@ -148,7 +154,8 @@ class CellStore:
                     f.unlink()
                 for f in self.metrics_dir.glob("*.json"):
                     f.unlink()
-                self.plan_path.unlink(missing_ok=True)
+                for f in self.dir.glob("plan*.json"):
+                    f.unlink()
         atomic_write_json(meta, {"cell": asdict(self.cell), "signature": self.signature,
                                  "experiment": self.experiment, "config": self.config})
         return self
@@ -175,12 +182,13 @@ class CellStore:
         """Record a finished stage (atomically, after its outputs are in place)."""
         atomic_write_json(self.stage_path(stage), {"stage": stage, "signature": self.signature, **(info or {})})
 
-    def load_plan(self) -> PruningPlan | None:
-        """The plan of this cell, if the search stage wrote one."""
-        if not self.plan_path.exists():
+    def load_plan(self, encoder: str | None = None) -> PruningPlan | None:
+        """The plan of this cell's main text encoder (or of ``encoder``), if the search stage wrote one."""
+        path = self.plan_path_of(encoder)
+        if not path.exists():
             return None
         try:
-            return PruningPlan.from_json(self.plan_path)
+            return PruningPlan.from_json(path)
         except PlanError as err:
             raise StoreError(str(err)) from err
 

@@ -147,22 +147,23 @@ class Tracker:
         if self.run is not None:
             self._guard("config", self.run.config.update, _plain(config), allow_val_change=True)
 
-    def log_plan(self, plan: PruningPlan) -> None:
-        """Plan summary, target and realized sparsity, removal order and skipped/re-used units."""
+    def log_plan(self, plan: PruningPlan, key: str = "plan") -> None:
+        """Plan summary, target and realized sparsity, removal order and skipped/re-used units, under ``key``
+        (``plan_clip_l`` etc. for the other encoders of an ``encoders=`` cell)."""
         if self.run is None:
             return
         meta = plan.meta
-        summary = {"plan/summary": plan.summary(), "plan/method": plan.method,
-                   "plan/granularity": plan.granularity, "plan/fingerprint": plan.fingerprint(),
-                   "plan/num_skipped": len(plan.skipped), "plan/num_reused": len(plan.reused),
-                   "plan/skipped": ",".join(map(str, plan.skipped)),
-                   "plan/reused": ",".join(f"{i}->{j}" for i, j in sorted(plan.reused.items()))}
-        for key in ("target_sparsity", "realized_sparsity", "prefix"):
-            if key in meta:
-                summary[f"plan/{key}"] = meta[key]
+        summary = {f"{key}/summary": plan.summary(), f"{key}/method": plan.method,
+                   f"{key}/granularity": plan.granularity, f"{key}/fingerprint": plan.fingerprint(),
+                   f"{key}/num_skipped": len(plan.skipped), f"{key}/num_reused": len(plan.reused),
+                   f"{key}/skipped": ",".join(map(str, plan.skipped)),
+                   f"{key}/reused": ",".join(f"{i}->{j}" for i, j in sorted(plan.reused.items()))}
+        for name in ("target_sparsity", "realized_sparsity", "prefix"):
+            if name in meta:
+                summary[f"{key}/{name}"] = meta[name]
         if "order" in meta:
-            summary["plan/order"] = ",".join(map(str, meta["order"]))
-        if "realized_sparsity" in meta:
+            summary[f"{key}/order"] = ",".join(map(str, meta["order"]))
+        if "realized_sparsity" in meta and key == "plan":  # the cell's headline: its main encoder's
             summary["realized_sparsity"] = meta["realized_sparsity"]
         self._guard("plan", self.run.summary.update, summary)
 

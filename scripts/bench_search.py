@@ -10,9 +10,9 @@ The default run builds a tiny-but-deep T5 (12 blocks = 24 units, d_model 256: co
 ratio follows the work), a random PixArt caption projection and the first ``--prompts`` prompts of
 skrr/data/calib_prompts.txt (past its 64, distinct synthetic ones: a shipped prompt with its words shuffled,
 seeded by the index; the paper used 1k prompts), runs Skrr with ``prefix_cache=False`` (one full forward per
-candidate) and ``prefix_cache=True`` for the same rounds (half the units, the paper's rule), asserts that both return the
-same plans with the same scores and leads with the ratio of encoder token-evaluations (rows x tokens over all
-module calls: hardware-independent), with the wall-clock ratio beside it. It ends with the memory peak of
+candidate) and ``prefix_cache=True`` for the same rounds (half the units, the paper's rule), asserts that both
+return the same plans with the same scores and leads with the ratio of encoder token-evaluations (rows x tokens
+over all module calls: hardware-independent), with the wall-clock ratio beside it. It ends with the memory peak of
 scoring one module call's worth of stacked candidates: ``CalibrationSet.row_errors`` vs the same sums on
 whole-tensor float32/float64 copies. ``--work-only`` runs the fast search alone and counts the straightforward
 search's token-evaluations by its closed form (each candidate runs its kept units over every prompt and ∅),

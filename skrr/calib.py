@@ -45,8 +45,9 @@ Candidate states across rounds (``RestartStates``, the Skip phase's, within the 
 candidate F ∪ {u} of a new beam F that skips u before F's own last skip v agrees, up to v, with this round's
 candidate (F \ {v}) ∪ {u}, so it restarts at v from that candidate's kept state instead of at u; a new beam's
 states are assembled from those kept while it was scored (only ∅ runs). On the 48-unit benchmark this cuts
-the work left after prefix sharing and early abandon by about a third; its memory is that of every possible beam's candidates,
-prompt by prompt as they are scored, so at T5-XXL scale only a budget's worth of it is kept.
+the work left after prefix sharing and early abandon by about a third; its memory is that of every possible
+beam's candidates, prompt by prompt as they are scored (257 MiB there; for T5-XXL on 1k prompts
+~2 TB by the same count), so only a budget's worth of it is kept.
 """
 from __future__ import annotations
 
@@ -237,7 +238,7 @@ class RestartStates:
     A next-round candidate T = F + {u} (F a new beam, u skipped) has the hidden state, up to the second
     position p where they differ, of any candidate Q of this round that skips u where F runs it and agrees
     with F elsewhere before p: e.g. Q = S' + {u} and F = S' + {v}, u < v, agree with T on [0, v). So T
-    restarts at p from Q's state instead of at u from F's beam state (``restart_position``). Exact: the state
+    restarts at p from Q's state instead of at u from F's beam state (``restart_positions``). Exact: the state
     at the input of position p depends only on what runs before p.
 
     The new beams are not known while a round runs, so ``discrepancies`` captures for every possible beam (the
@@ -332,21 +333,18 @@ class _Restart:
         return block[row, :length]
 
 
-def restart_position(candidate: Sequence[Any], beam: Sequence[Any]) -> int | None:
-    """Where a next-round candidate T = ``beam`` with one more position skipped can restart from
-    ``candidate``'s state (RestartStates): the second position where the two differ, if at the first the
-    candidate skips what the beam runs; else None."""
-    first = second = None
-    for pos, (a, b) in enumerate(zip(candidate, beam)):
-        if a != b:
-            if first is None:
-                first = pos
-            else:
-                second = pos
-                break
-    if first is None or second is None or candidate[first] is not None or beam[first] is None:
-        return None
-    return second
+def restart_positions(candidates: np.ndarray, beam: np.ndarray) -> np.ndarray:
+    """Where a next-round candidate T = ``beam`` with one more position skipped can restart from each of
+    ``candidates``' states (RestartStates): the second position where candidate and beam differ, if at the
+    first the candidate skips what the beam runs; else -1. Rows of slot codes (0 = skipped), [plans, positions].
+    """
+    differs = candidates != beam
+    rows = np.arange(candidates.shape[0])
+    first = differs.argmax(axis=1)
+    differs[rows, first] = False
+    second = np.where(differs.any(axis=1), differs.argmax(axis=1), -1)
+    ok = (second > 0) & (candidates[rows, first] == 0) & (beam[first] != 0)
+    return np.where(ok, second, -1)
 
 
 class CalibrationSet:
@@ -731,21 +729,15 @@ class CalibrationSet:
 
         def aim(targets: list[int]) -> None:
             # Capture the states that the next-round candidates of these possible beams restart from
-            # (restart_position), from whichever plan with that prefix is scored on a prompt.
+            # (restart_positions), from whichever plan with that prefix is scored on a prompt.
             if restarts is None:
                 return
-            matrix = code_matrix[:n]
             for f in targets:
                 for pos in range(starts[f] + 1, len(keys[f]) + 1):  # its own states: a new beam's, ready
                     restarts.want(tuple(keys[f][:pos]), tuple(keys[f]))
-                differs = matrix != matrix[f]
-                first = differs.argmax(axis=1)
-                differs[np.arange(n), first] = False
-                second = np.where(differs.any(axis=1), differs.argmax(axis=1), -1)
-                rows = np.arange(n)
-                ok = (second > 0) & (matrix[rows, first] == 0) & (matrix[f, first] != 0)
-                for i in np.flatnonzero(ok).tolist():
-                    restarts.want(tuple(keys[i][:second[i]]), tuple(keys[f]))
+                where = restart_positions(code_matrix[:n], code_matrix[f])
+                for i in np.flatnonzero(where > 0).tolist():
+                    restarts.want(tuple(keys[i][:where[i]]), tuple(keys[f]))
             for prefix, entry in restarts.current.items():
                 if -1 not in entry.rows and (null := null_kept.get(prefix)) is not None and -1 in null.rows:
                     restarts.put(entry, [-1], null.state(-1, null.rows[-1][0].shape[1])[None])

@@ -5,13 +5,14 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import PixArtAlphaTextProjection
 
 from skrr import PruningPlan, Slot, apply_plan, count_params
 from skrr.calib import (DEFAULT_PROMPTS, CalibrationSet, RestartStates, ScoreStats, load_prompts, plan_keys,
-                        restart_position)
+                        restart_positions)
 from skrr.interface import SparsityError
 from skrr.method import Beam, Skrr, expand, reuse_phase, skip_phase
 from skrr.plan import part_of
@@ -214,13 +215,15 @@ def test_beam_states_save_work_and_fall_back_beyond_their_budget(tokenizer, capl
     assert "kept candidate states reached their budget" in caplog.text
 
 
-def test_restart_position():
-    beam = [1, 2, None, 4, 5]  # slot keys: the beam skips position 2
-    assert restart_position([1, None, 3, 4, 5], beam) == 2  # the beam with 1 skipped agrees with it on [0, 2)
-    assert restart_position([None, 2, 3, 4, None], beam) == 2
-    assert restart_position([1, 2, 3, None, 5], beam) is None  # it runs 2 where the beam skips it
-    assert restart_position(beam, beam) is None
-    assert restart_position([1, 2, None, None, 5], beam) is None  # one difference: the next-round candidate
+def test_restart_positions():
+    beam = np.array([1, 2, 0, 4, 5])  # slot codes: the beam skips position 2
+    candidates = np.array([[1, 0, 3, 4, 5],  # the beam with 1 skipped (not 2) agrees with it on [0, 2)
+                           [0, 2, 3, 4, 0],
+                           [1, 2, 3, 0, 5],  # it runs 2 where the beam skips it
+                           [1, 7, 3, 4, 5],  # another module at 1 (a re-use slot), not a skip
+                           [1, 2, 0, 4, 5],  # the beam itself
+                           [1, 2, 0, 0, 5]])  # one difference: the next-round candidate itself
+    assert restart_positions(candidates, beam).tolist() == [2, 2, -1, -1, -1, -1]
 
 
 def test_next_round_restarts_from_kept_candidate_states_exactly(tokenizer):

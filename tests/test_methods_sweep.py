@@ -84,3 +84,7 @@ def test_plan_cache_is_keyed_without_the_targets(tmp_path):
     fresh = search_plans(cfg, method, "skrr", spec, torch.device("cpu"), [0.1, 0.25], tmp_path / "fresh")
     assert fresh[0.1] == first[0.1] and fresh[0.25] == both[0.25]
     assert fresh[0.1].meta["order"] == first[0.1].meta["order"]
+    # Other tiny weights (pipeline.seed) are another encoder: their own search, never the seed-0 record.
+    reseeded = PipelineSpec.from_config({**cfg.pipeline, "seed": 1})
+    search_plans(cfg, method, "skrr", reseeded, torch.device("cpu"), [0.1], tmp_path)
+    assert len(list((tmp_path / "plans").rglob("*.json"))) == 2

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skrr.calib import DEFAULT_PROMPTS, CalibrationSet, load_prompts, prompt_hash, sample_prompts
 from skrr.interface import PruningMethod, check_sparsity
-from skrr.pipelines import MAIN, PipelineSpec, load_caption_projection, load_text_encoder, sd3_clip_readout
+from skrr.pipelines import MAIN, TINY_KINDS, PipelineSpec, load_caption_projection, load_text_encoder, sd3_clip_readout
 from skrr.plan import PruningPlan
 from skrr.experiments.store import PlanCache, canonical, remove_empty_parents
 from skrr.surgery import signature
@@ -67,7 +67,11 @@ def search_plans(cfg: DictConfig, method: PruningMethod, name: str, spec: Pipeli
     # serves every sweep and grows by the targets it was not yet asked for.
     # The pipeline (its caption projection) and how it encodes prompts change D, hence the plans.
     encoding = ",".join(f"{k}={v}" for k, v in spec.encoding.describe().items())
-    key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.kind}|{spec.model_id}|{encoding}",
+    # A tiny pipeline's weights come from its seed, not from a checkpoint its id names; seed 0 adds nothing to
+    # the key, so records cached before the seed counted still serve it.
+    weights = f"|seed={spec.seed}" if spec.kind in TINY_KINDS and spec.seed else ""
+    key = cache.key(f"{sig.model_id}|{sig.arch}|{sig.revision}|{spec.dtype}|{spec.kind}|{spec.model_id}|{encoding}"
+                    f"{weights}",
                     calib_cfg, {"name": name, **_jsonable(method.settings())})
     path = cache.path(sig.model_id or sig.arch, name, key)
     path.parent.mkdir(parents=True, exist_ok=True)

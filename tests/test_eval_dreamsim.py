@@ -89,6 +89,7 @@ def test_load_dreamsim_offline_names_missing_files_and_leaves_hub_dir_alone(tmp_
         load_dreamsim("cpu", cache_dir=tmp_path / "ds", dreamsim_type="ensemble", allow_download=True)
     assert "\n" not in str(err.value) and "dino_vitb16_pretrain.pth" in str(err.value)
     assert "dino_vitb16_pretrain.pth" in missing_files(tmp_path, "ensemble")
+    assert torch.hub.get_dir() == before
 
 
 def test_load_dreamsim_restores_the_hub_dir_that_the_package_sets(tmp_path, monkeypatch):

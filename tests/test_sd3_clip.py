@@ -13,7 +13,7 @@ import torch
 
 from skrr.calib import CalibrationSet
 from skrr.method import Skrr, skip_phase
-from skrr.pipelines import PipelineSpec, build_tiny_sd3_pipeline, load_pipeline, load_text_encoder, sd3_clip_readout
+from skrr.pipelines import PipelineSpec, build_tiny_sd3_pipeline, load_text_encoder, sd3_clip_readout
 from skrr.readout import pack
 from skrr.surgery import apply_plan, identity_plan
 

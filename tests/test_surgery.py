@@ -9,7 +9,7 @@ import torch
 
 from skrr import PlanError, PruningPlan, Slot, StackRunner, apply_plan, count_params, identity_plan
 from skrr import realized_sparsity, signature, units
-from skrr.tiny import tiny_bert, tiny_t5
+from skrr.tiny import tiny_t5
 
 
 def hidden(model, ids, mask=None):

@@ -201,7 +201,9 @@ def config_that_matters(cfg: DictConfig) -> dict[str, Any]:
         keep["quantize"] = cfg.quantize
     if cfg.get("drop_text_encoder"):  # likewise
         keep["drop_text_encoder"] = True
-    encoders = {k: v for k, v in (cfg.get("encoders") or {}).items() if v is not None}
+    from skrr.experiments.stages import given_encoders
+
+    encoders = given_encoders(cfg)
     if encoders:  # likewise: SD3 cells that prune its CLIPs too, and how those are scored
         keep["encoders"], keep["sd3_clip"] = encoders, cfg.sd3_clip
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)

@@ -243,14 +243,6 @@ class CLIPFamily(Family):
 
         return isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection))
 
-    @staticmethod
-    def _text(model: nn.Module) -> nn.Module:
-        # CLIPTextModelWithProjection wraps a CLIPTextModel as .text_model; transformers 5 CLIPTextModel holds
-        # embeddings/encoder/final_layer_norm itself (4.x had another .text_model level).
-        while hasattr(model, "text_model"):
-            model = model.text_model
-        return model
-
     def stack_path_of(self, model):
         path, obj = [], model
         while hasattr(obj, "text_model"):
@@ -264,14 +256,14 @@ class CLIPFamily(Family):
     def prepare(self, model, input_ids, attention_mask):
         from transformers.masking_utils import create_causal_mask
 
-        tm = self._text(model)
+        tm = clip_text_model(model)
         h = tm.embeddings(input_ids=input_ids)
         mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=attention_mask,
                                   past_key_values=None)
         return h, StackContext(mask=mask, kwargs={"is_causal": True})
 
     def finish(self, model, h):
-        return self._text(model).final_layer_norm(h)
+        return clip_text_model(model).final_layer_norm(h)
 
     def slot_block(self, model, units, position):
         return CLIPSlotBlock(units)
@@ -313,6 +305,15 @@ def family_of(model: nn.Module) -> Family:
             return fam
     raise TypeError(f"unsupported text encoder {type(model).__name__}; skrr prunes T5EncoderModel, "
                     f"CLIPTextModel(WithProjection) and BertModel")
+
+
+def clip_text_model(model: nn.Module) -> nn.Module:
+    """The module of a CLIP text encoder that holds embeddings, encoder, final_layer_norm and eos_token_id:
+    CLIPTextModelWithProjection wraps a CLIPTextModel as .text_model; transformers 5 CLIPTextModel holds them
+    itself (4.x had another .text_model level)."""
+    while hasattr(model, "text_model"):
+        model = model.text_model
+    return model
 
 
 def num_blocks(model: nn.Module) -> int:

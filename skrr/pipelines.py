@@ -373,7 +373,7 @@ def load_denoiser_module(spec: PipelineSpec, name: str, device: str | torch.devi
     """One module of the denoiser (a dotted name: ``context_embedder``, ``time_text_embed.text_embedder``), reading
     only its tensors from the (possibly sharded) transformer checkpoint."""
     if spec.kind in TINY_KINDS:
-        return _get_module(_tiny(spec).transformer, name).to(device).eval()
+        return _tiny(spec).transformer.get_submodule(name).to(device).eval()
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
 
@@ -401,12 +401,6 @@ def load_denoiser_module(spec: PipelineSpec, name: str, device: str | torch.devi
         _module_from_config(spec.kind, name, config)
     module.load_state_dict(state)
     return module.to(device=device, dtype=spec.torch_dtype).eval()
-
-
-def _get_module(root: nn.Module, name: str) -> nn.Module:
-    for part in name.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def _module_from_config(kind: str, name: str, config: dict[str, Any]) -> nn.Module:

@@ -32,21 +32,15 @@ import torch
 from torch import nn
 
 from skrr.encoding import PromptEncoding
+from skrr.families import clip_text_model, num_blocks
 
 SIDES = ("clip_l", "clip_g")  # SD3's text_encoder and text_encoder_2, in the order encode_prompt concatenates them
-
-
-def text_transformer(encoder: nn.Module) -> nn.Module:
-    """The CLIPTextTransformer inside a CLIPTextModel(WithProjection) (embeddings, encoder, final_layer_norm)."""
-    while hasattr(encoder, "text_model"):
-        encoder = encoder.text_model
-    return encoder
 
 
 def eos_positions(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Where CLIP pools each sequence: transformers' ``CLIPTextTransformer.forward`` (modeling_clip.py) takes the
     highest id when the config's eos_token_id is the pre-#24773 value 2, else the first eos token."""
-    eos = text_transformer(encoder).eos_token_id
+    eos = clip_text_model(encoder).eos_token_id
     ids = input_ids.to(torch.int)
     return ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)
 
@@ -104,7 +98,7 @@ class SD3ClipReadout(nn.Module):
         self.register_buffer("other_pooled", other_pooled, persistent=False)
         self.context = context if use_projection else None
         self.pooled = pooled if use_projection else None
-        self.blocks = len(text_transformer(encoder).encoder.layers)
+        self.blocks = num_blocks(encoder)
 
     # The position whose input state the context term reads: the last block's first unit (or the block itself).
     def tap(self, granularity: str) -> int:

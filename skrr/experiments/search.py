@@ -32,6 +32,7 @@ def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, s
     path = Path(c.prompts) if c.prompts else DEFAULT_PROMPTS
     prompts = sample_prompts(load_prompts(path, c.column), c.num_calib_prompts, c.seed)
     log.info("calibration: %d prompts from %s (hash %s)", len(prompts), path, prompt_hash(prompts))
+    projection, encoding, readout = None, spec.encoding, None
     if which != MAIN:
         from skrr.readout import sd3_clip_encoding
 
@@ -40,12 +41,10 @@ def calibration_set(cfg: DictConfig, encoder: torch.nn.Module, tokenizer: Any, s
                                    pooled_weight=float(choice.pooled_weight),
                                    clip_last_block=bool(choice.last_block_prunable),
                                    use_projection=c.use_projection, batch_size=c.batch_size)
-        return CalibrationSet(encoder, tokenizer, prompts, None, encoding=sd3_clip_encoding(tokenizer),
-                              metric=c.metric, use_projection=c.use_projection, null_prompt=c.null_prompt,
-                              token_mask=c.token_mask, batch_size=c.batch_size, granularity=granularity,
-                              device=device, readout=readout)
-    projection = load_caption_projection(spec, device) if c.use_projection else None
-    return CalibrationSet(encoder, tokenizer, prompts, projection, encoding=spec.encoding,
+        encoding = sd3_clip_encoding(tokenizer)
+    elif c.use_projection:
+        projection = load_caption_projection(spec, device)
+    return CalibrationSet(encoder, tokenizer, prompts, projection, encoding=encoding, readout=readout,
                           metric=c.metric, use_projection=c.use_projection, null_prompt=c.null_prompt,
                           token_mask=c.token_mask, batch_size=c.batch_size, granularity=granularity,
                           device=device)

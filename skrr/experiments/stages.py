@@ -108,17 +108,22 @@ def tracker_for(cfg: DictConfig, store: CellStore) -> Tracker:
     return Tracker(cfg.logger, store.cell, store.signature, cfg.experiment, config, store.results)
 
 
+def given_encoders(cfg: DictConfig) -> dict[str, Any]:
+    """The ``encoders=`` entries a cell sets (null = not set), as given: what enters its signature."""
+    given = cfg.get("encoders")
+    if given is not None and not OmegaConf.is_dict(given):
+        raise InputError(f"encoders must map encoder names to sparsities, got {given!r}; e.g. "
+                         f"\"encoders={{clip_l: 0.306, clip_g: 0.303}}\"")
+    entries = OmegaConf.to_container(given, resolve=True) if given is not None else {}
+    return {k: v for k, v in entries.items() if v is not None}
+
+
 def extra_encoders(cfg: DictConfig, spec: PipelineSpec, method_name: str) -> dict[str, float]:
     """The cell's other text encoders to prune (``encoders=``, SD3's CLIP-L/G, paper Table A12): name -> target
     sparsity, checked (one line naming the key otherwise). The T5's target is always ``sparsity``."""
     from skrr.pipelines import MAIN
 
-    given = cfg.get("encoders")
-    if given is not None and not OmegaConf.is_dict(given):
-        raise InputError(f"encoders must map encoder names to sparsities, got {given!r}; e.g. "
-                         f"\"encoders={{clip_l: 0.306, clip_g: 0.303}}\"")
-    given = {k: v for k, v in (OmegaConf.to_container(given, resolve=True) if given is not None else {}).items()
-             if v is not None}
+    given = given_encoders(cfg)
     if not given:
         return {}
     names = spec.encoder_names()
@@ -144,20 +149,26 @@ def extra_encoders(cfg: DictConfig, spec: PipelineSpec, method_name: str) -> dic
         raise InputError(f"encoders= (SD3's CLIP encoders scored on what the denoiser receives from them) is a Skrr "
                          f"search; use method=skrr, or drop encoders= to prune the T5 only with method={method_name}")
     if extra:
-        clip_method(cfg, None)  # a bad sd3_clip.max_rounds: one line now, not after the T5's search
+        clip_rounds(cfg)  # a bad sd3_clip.max_rounds: one line now, not after the T5's search
     return extra
+
+
+def clip_rounds(cfg: DictConfig) -> int | None:
+    """``sd3_clip.max_rounds``, checked: Skip rounds of the CLIP searches (None: the method's own rule)."""
+    rounds = cfg.sd3_clip.get("max_rounds")
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+        raise InputError(f"sd3_clip.max_rounds must be a whole number >= 1 (or null for half the units), got "
+                         f"{rounds!r}; e.g. sd3_clip.max_rounds=12")
+    return rounds
 
 
 def clip_method(cfg: DictConfig, method: PruningMethod) -> PruningMethod:
     """The method that searches SD3's CLIPs: the cell's, with ``sd3_clip.max_rounds`` when it is set."""
-    rounds = cfg.sd3_clip.get("max_rounds")
+    rounds = clip_rounds(cfg)
     if rounds is None:
         return method
     from skrr.experiments.methods import method_from_config
 
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise InputError(f"sd3_clip.max_rounds must be a whole number >= 1 (or null for half the units), got "
-                         f"{rounds!r}; e.g. sd3_clip.max_rounds=12")
     return method_from_config(OmegaConf.merge(cfg.method, {"max_rounds": rounds}))[1]
 
 
@@ -185,9 +196,10 @@ def search(cfg: DictConfig, store: CellStore, method_name: str, method: PruningM
         plan = search_plans(cfg, method, method_name, spec, device, targets, store.results)[
             round(float(cfg.sparsity), 6)]
     extras = {}
+    searcher = clip_method(cfg, method) if extra_targets else method
     for name, target in extra_targets.items():
         log.info("search: %s of %s at %.4f", name, spec.name, target)
-        extras[name] = search_plans(cfg, clip_method(cfg, method), method_name, spec, device, [target], store.results,
+        extras[name] = search_plans(cfg, searcher, method_name, spec, device, [target], store.results,
                                     which=name)[target]
     for name, found in extras.items():
         atomic_write_text(store.plan_path_of(name), found.to_json() + "\n")

@@ -205,6 +205,12 @@ MUTANTS = [
       "count_n = self._total_count([self.null_batch]) if self.null_prompt else 0",
       "count_n = self._total_count(self.batches) if self.null_prompt else 0", "test_calib",
       "fast path divides ∅ by the prompts' count"),
+    m("calib-order-reranked", "skrr/calib.py", "            if self._prompt_error[k] is None:\n",
+      "            if True:\n", "test_calib", "prompt order re-ranked every call (kept states miss their prompts)"),
+    m("calib-kept-all-or-none", "skrr/calib.py",
+      "        rows = [k for k in range(len(self.prompts)) if entry.covers([k], self.max_length)]\n",
+      "        rows = list(range(len(self.prompts))) if entry.covers(range(len(self.prompts)), self.max_length) "
+      "else []\n", "test_skrr", "a new beam's kept prompt states used only when every prompt was kept"),
 ]
 
 # Tried and found equivalent (no test can tell them apart from the code, because the behaviour is the same):

@@ -205,8 +205,11 @@ MUTANTS = [
       "count_n = self._total_count([self.null_batch]) if self.null_prompt else 0",
       "count_n = self._total_count(self.batches) if self.null_prompt else 0", "test_calib",
       "fast path divides ∅ by the prompts' count"),
-    m("calib-order-reranked", "skrr/calib.py", "            if self._prompt_error[k] is None:\n",
-      "            if True:\n", "test_calib", "prompt order re-ranked every call (kept states miss their prompts)"),
+    m("calib-order-reranked", "skrr/calib.py", "            if restarts is None or self._prompt_error[k] is None:\n",
+      "            if True:\n", "test_calib", "prompt order re-ranked with kept states (they miss their prompts)"),
+    m("calib-order-frozen", "skrr/calib.py", "            if restarts is None or self._prompt_error[k] is None:\n",
+      "            if self._prompt_error[k] is None:\n", "test_calib",
+      "prompt order never re-ranked when nothing is kept across rounds (10 % more work there)"),
     m("calib-kept-all-or-none", "skrr/calib.py",
       "        rows = [k for k in range(len(self.prompts)) if entry.covers([k], self.max_length)]\n",
       "        rows = list(range(len(self.prompts))) if entry.covers(range(len(self.prompts)), self.max_length) "

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.embeddings import PixArtAlphaTextProjection
 
 from skrr import PlanError, PruningPlan, Slot, identity_plan
-from skrr.calib import (DEFAULT_PROMPTS, CalibrationError, CalibrationSet, load_prompts, prompt_hash,
+from skrr.calib import (DEFAULT_PROMPTS, CalibrationError, CalibrationSet, RestartStates, load_prompts, prompt_hash,
                         sample_prompts)
 from skrr.tiny import tiny_t5, tiny_t5_tokenizer
 
@@ -271,21 +271,27 @@ def test_fast_path_does_less_work(tokenizer):
     assert calib.stats.token_evals < 0.7 * slow
 
 
-def test_prompts_are_visited_largest_error_first_in_one_order(tokenizer):
-    """Early abandon visits the prompts with the largest errors first, and in the same order in every call
-    (kept candidate states cover the prompts a candidate was scored on: the next round must visit those first)."""
+def test_prompts_are_visited_largest_error_first(tokenizer):
+    """Early abandon visits the prompts with the largest errors of the last call first; with candidate states
+    kept across rounds (RestartStates), in one order, that of each prompt's first error (the kept states cover
+    the prompts a candidate was scored on: the next round must visit those first)."""
     calib = make_calib(tokenizer, prompts=PROMPTS[:8], max_length=24, batch_size=16)
     order = lambda: [k for c in calib._chunks(lambda: 1) for k in c.indices]  # noqa: E731
     assert order() == [-1, *range(8)]  # nothing scored yet: in file order
     last = calib.identity.num_positions - 1
-    first = [calib.identity.with_slots({last: None})]
-    calib.discrepancies(first)
-    errors = [sum(calib.row_errors(calib.dense[0][k:k + 1], calib.encode(first[0])[0][k:k + 1],
-                                   calib.batches[0].attention_mask[k:k + 1])[0].tolist()) for k in range(8)]
-    ranked = [-1, *sorted(range(8), key=lambda k: -errors[k])]
-    assert order() == ranked != [-1, *range(8)]
-    calib.discrepancies([calib.identity.with_slots({0: None, 1: None})])  # other plans, other errors
-    assert order() == ranked
+    plans = [calib.identity.with_slots({last: None}), calib.identity.with_slots({0: None, 1: None})]
+
+    def ranked(plan):
+        errors = calib.row_errors(calib.dense[0], calib.encode(plan)[0], calib.batches[0].attention_mask)[0]
+        return [-1, *sorted(range(8), key=lambda k: -errors[k].item())]
+
+    assert ranked(plans[0]) != ranked(plans[1])  # other plans, other order
+    calib.discrepancies(plans[:1], restarts=RestartStates(2 ** 20))
+    assert order() == ranked(plans[0]) != [-1, *range(8)]
+    calib.discrepancies(plans[1:], restarts=RestartStates(2 ** 20))
+    assert order() == ranked(plans[0])  # kept
+    calib.discrepancies(plans[1:])  # nothing kept across rounds: re-ranked
+    assert order() == ranked(plans[1])
 
 
 # ----------------------------------------------------------------------------------------------- stored states

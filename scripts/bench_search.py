@@ -16,7 +16,9 @@ over all module calls: hardware-independent), with the wall-clock ratio beside i
 scoring one module call's worth of stacked candidates: ``CalibrationSet.row_errors`` vs the same sums on
 whole-tensor float32/float64 copies. ``--work-only`` runs the fast search alone and counts the straightforward
 search's token-evaluations by its closed form (each candidate runs its kept units over every prompt and ∅),
-which every side-by-side run checks against the measured count. ``--state-cache-gib`` is the memory for
+which every side-by-side run checks against the measured count. ``--oracle-bound`` runs the Skip phase twice
+more, once as it is and once with each round's bound known from the start, asserts the same beams and prints
+both counts: what a better bound could still save. ``--state-cache-gib`` is the memory for
 hidden states kept across rounds: each beam's, then candidate states the next round restarts from (the
 line of the fast search prints their peak); 0 keeps none (same plan, more work).
 """
@@ -75,6 +77,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-only", action="store_true",
                    help="run the fast search only and count the straightforward search's token-evaluations by "
                         "its closed form (checked against the measured count in every side-by-side run)")
+    p.add_argument("--oracle-bound", action="store_true",
+                   help="run the Skip phase twice more, as it is and with each round's bound known from the start "
+                        "(the k-th lowest D of that round, from the first run): what a better bound could still save")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -150,6 +155,8 @@ def compare(args: argparse.Namespace) -> int:
               f"{calib.stats.plans:6d} candidates scored ({calib.stats.abandoned} abandoned early)"
               + (f"; kept candidate states peaked at {calib.stats.restart_peak / 2 ** 20:.0f} MiB" if cached else ""))
     counted = straightforward_tokens(calib, runs[True]["plans"])
+    if args.oracle_bound:
+        oracle_bound(calib, args, runs[True])
     if args.work_only:
         print(f"straightforward search (closed form, not run): {counted / 1e6:9.2f} M token-evals; "
               f"{counted / max(runs[True]['tokens'], 1):.1f}x fewer encoder token-evaluations (hardware-independent)")
@@ -173,6 +180,37 @@ def compare(args: argparse.Namespace) -> int:
           f"({naive['seconds']:.1f} s vs {fast['seconds']:.1f} s)")
     print_scoring_peak(calib, args)
     return 0
+
+
+def oracle_bound(calib: CalibrationSet, args: argparse.Namespace, run: dict[str, Any]) -> None:
+    """The Skip phase again, each round told its bound in advance: the k-th lowest D of that round's candidates
+    (from ``run``'s recorded beams), so early abandon drops a candidate as soon as its partial error passes the
+    final bound; asserts the same beams. Its work against the Skip phase as it is shows how much a better bound
+    could still save (not a strict floor: the candidate states kept for the next round depend on when candidates
+    are dropped)."""
+    beams = next(iter(run["plans"].values())).meta["search"]["beams"]
+    rounds = iter([b[-1]["score"] for b in beams])
+    search = calib.discrepancies
+    work: dict[str, int] = {}
+    for told in (False, True):
+        def discrepancies(plans: Any, bound: float = math.inf, **kw: Any) -> list[float | None]:
+            if told and kw.get("keep"):  # a Skip round: its bound from the start (never below the k-th D)
+                bound = min(bound, math.nextafter(next(rounds), math.inf))
+            return search(plans, bound, **kw)
+
+        calib.discrepancies = discrepancies  # this instance only
+        calib.stats, calib._prompt_error = ScoreStats(), [None] * len(calib.prompts)
+        try:
+            result = skip_phase(calib, args.beam_width, prefix_cache=True, progress=args.progress,
+                                max_tokens=args.max_tokens, state_cache_gib=args.state_cache_gib)
+        finally:
+            del calib.discrepancies
+        _require([[b["order"] for b in r] for r in beams] == [[list(b.order) for b in r] for r in result.rounds],
+                 "the search with its bounds known in advance kept other beams")
+        work["told" if told else "found"] = calib.stats.token_evals
+    print(f"Skip phase with each round's bound known from the start: {work['told'] / 1e6:9.2f} M token-evals vs "
+          f"{work['found'] / 1e6:.2f} M as it is (same beams): finding the bound costs "
+          f"{100 * (work['found'] / max(work['told'], 1) - 1):+.1f} % work")
 
 
 def straightforward_tokens(calib: CalibrationSet, plans: dict[float, Any]) -> int:

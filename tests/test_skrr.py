@@ -462,9 +462,10 @@ def test_bench_compares_both_searches(capsys, monkeypatch):
     assert "scoring peak" in out
     # --work-only reports the closed-form count, which the side-by-side run above checked against the measured one.
     assert bench.main(["--layers", "3", "--d-model", "32", "--prompts", "2", "--max-length", "16",
-                       "--sparsity", "0.3", "--work-only"]) == 0
+                       "--sparsity", "0.3", "--work-only", "--oracle-bound"]) == 0
     out = capsys.readouterr().out
     assert "closed form, not run" in out and "prefix_cache=False" not in out
+    assert "bound known from the start" in out and "(same beams)" in out  # a bound given in advance: same beams
 
 
 def test_bench_paper_scale_path_runs_on_small_shapes(capsys, monkeypatch):

@@ -725,7 +725,8 @@ class CalibrationSet:
             for i, row in zip(members, sums.tolist()):  # one device sync per chunk
                 target[i] += row
             if not chunk.null:
-                seen.update(zip(chunk.indices, sums.mean(dim=0).tolist()))
+                for k, err in zip(chunk.indices, sums.mean(dim=0).tolist()):
+                    seen.setdefault(k, err)
 
         def prune(members: list[int]) -> list[int]:
             kept = [i for i in members if partial(i) <= bound]
@@ -759,6 +760,13 @@ class CalibrationSet:
                     if (entry := wants.get(tuple(keys[i][:pos]))) is not None:
                         grabs.setdefault(i, []).append((pos, entry))
 
+        def rank() -> None:
+            # The prompt order from here on (see __init__): each prompt's mean error over the plans of the
+            # first chunk that scored it in this call (the race's finished plans, when there is a race).
+            for k, err in seen.items():
+                if restarts is None or self._prompt_error[k] is None:
+                    self._prompt_error[k] = err
+
         def per_chunk(members: list[int], bounded: bool) -> Callable[[], int]:
             # Prompts share module calls up to max_tokens; with a bound, at most 1/BOUND_STEPS of them at a
             # time so that hopeless plans are still dropped early (one at a time below 2 x BOUND_STEPS prompts).
@@ -778,6 +786,7 @@ class CalibrationSet:
             bound = min(bound, sorted(partial(i) for i in finish)[keep - 1])
             alive[:] = prune(alive)
             aim(alive)  # every plan still alive may become a beam
+            rank()  # the rest of this call already visits the prompts in the finished plans' order
             if restarts is not None:
                 for entry in null_kept.values():
                     restarts.drop(entry)
@@ -802,9 +811,7 @@ class CalibrationSet:
                     alive[:] = [i for i in alive if i not in extra]
                     bound = min(bound, sorted(partial(i) for i in complete)[keep - 1])
                     alive[:] = prune(alive)
-        for k, err in seen.items():  # the order of the next calls (see __init__)
-            if restarts is None or self._prompt_error[k] is None:
-                self._prompt_error[k] = err
+        rank()
         finished = [i for i in range(n) if not done[i]]
         if progress and finished:
             progress(len(finished))

@@ -210,6 +210,11 @@ MUTANTS = [
     m("calib-order-frozen", "skrr/calib.py", "            if restarts is None or self._prompt_error[k] is None:\n",
       "            if self._prompt_error[k] is None:\n", "test_calib",
       "prompt order never re-ranked when nothing is kept across rounds (10 % more work there)"),
+    m("calib-order-last-chunk", "skrr/calib.py",
+      "                for k, err in zip(chunk.indices, sums.mean(dim=0).tolist()):\n"
+      "                    seen.setdefault(k, err)\n",
+      "                seen.update(zip(chunk.indices, sums.mean(dim=0).tolist()))\n", "test_calib",
+      "prompt errors from the plans alive in the last chunk (ranks prompts by when they were visited)"),
     m("calib-kept-all-or-none", "skrr/calib.py",
       "        rows = [k for k in range(len(self.prompts)) if entry.covers([k], self.max_length)]\n",
       "        rows = list(range(len(self.prompts))) if entry.covers(range(len(self.prompts)), self.max_length) "

@@ -415,8 +415,9 @@ class CalibrationSet:
         self._codes: dict[Any, int] = {None: 0}
         self._code_modules: list[nn.Module | None] = [None]
         self.stats = ScoreStats()
-        # Mean error each prompt gave the plans of the last ``discrepancies`` call: the next call visits the
-        # prompts with the largest errors first, so hopeless plans pass the bound sooner (work only, not D).
+        # Mean error each prompt gave the plans of the last ``discrepancies`` call (those of the first chunk that
+        # scored it: in a beam race, the finished plans): the next call visits the prompts with the largest
+        # errors first, so hopeless plans pass the bound sooner (work only, not D).
         # With kept candidate states (RestartStates) the first error of each prompt stays: a candidate
         # abandoned after the first x prompts holds kept states for those x only, and the next round's
         # candidates restart from them only if they visit the same prompts first (48-unit benchmark, 256

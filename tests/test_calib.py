@@ -294,6 +294,25 @@ def test_prompts_are_visited_largest_error_first(tokenizer):
     assert order() == ranked(plans[1])
 
 
+def test_prompt_order_is_the_race_finishers_mean_error(tokenizer):
+    """In a beam race the order comes from the plans finished on every prompt (the 2k lowest on ∅), not from
+    whichever plans were still alive when a prompt was visited (that ranked prompts by when they came)."""
+    calib = make_calib(tokenizer, prompts=PROMPTS[:8], max_length=24, batch_size=16)
+    plans = [calib.identity.with_slots({p: None}) for p in range(calib.identity.num_positions)]
+    batch = calib.batches[0]
+
+    def errors(plan, batch, dense, rows):
+        return calib.row_errors(dense, calib._forward_features(plan, batch, rows), batch.attention_mask)[0]
+
+    null = [errors(p, calib.null_batch, calib.dense_null, [-1]).item() for p in plans]
+    finishers = sorted(range(len(plans)), key=lambda i: (null[i], i))[:2]  # keep=1: the 2 lowest on ∅
+    mean = sum(errors(plans[i], batch, calib.dense[0], list(range(8))) for i in finishers) / 2
+    calib.discrepancies(plans, keep=1)
+    assert calib.stats.abandoned > 0  # others ran some prompts and were dropped
+    order = [k for c in calib._chunks(lambda: 1) for k in c.indices]
+    assert order == [-1, *sorted(range(8), key=lambda k: (-mean[k].item(), k))]
+
+
 # ----------------------------------------------------------------------------------------------- stored states
 def test_prefix_states_are_the_plan_hidden_states(tokenizer):
     calib = make_calib(tokenizer)

@@ -247,9 +247,9 @@ class RestartStates:
     race's finished plans and every plan that survives the first bound) and releases what served a plan once
     it is abandoned; it captures each prompt a plan with that prefix is scored on (∅ from the race's first
     chunk), and a possible beam's own states at every position it ran, from which its ``PrefixStates`` are
-    then assembled instead of recomputed (``prefix_states``). ``advance(beams)`` keeps what serves the new beams for the next round.
-    Everything stays within ``limit`` bytes (beyond it, candidates start from their beam: same plan, more
-    work).
+    then assembled instead of recomputed (``prefix_states``). ``advance(beams)`` keeps what serves the new
+    beams for the next round. Everything stays within ``limit`` bytes (beyond it, candidates start from their
+    beam: same plan, more work).
     """
 
     def __init__(self, limit: int):
